@@ -1,0 +1,245 @@
+"""Roads file: load, merge `defaults` into each road, validate with errors that name the road and key.
+
+The stage code owns every section except `schedule` and `kubernetes`, which the DAG factory
+(`dags/answersheet_factory.py`) validates; here they only have to be mappings.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from answersheet.errors import ConfigError
+
+DEFAULT_CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
+SHORT_SET_POLICIES = ("fill", "flag", "fail")
+BACKENDS = ("auto", "torch", "onnx")
+ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# Every key a road may have. The DAG factory keeps the same list (tests/test_contract.py checks).
+ROAD_KEYS = (
+    "id", "name", "bucket", "cameras", "classes", "short_set_policy",
+    "ingest", "detect", "schedule", "kubernetes",
+)
+INGEST_KEYS = ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members", "workers")
+DETECT_KEYS = (
+    "cameras", "weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres",
+    "iou_thres", "imgsz", "max_det", "batch_size", "shards",
+)
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Zip-safety limits and upload concurrency for ingest."""
+
+    max_member_bytes: int = 50 * 1024 * 1024
+    max_total_bytes: int = 20 * 1024 * 1024 * 1024
+    max_ratio: float = 100.0
+    max_members: int = 200_000
+    workers: int = 16
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """Which cameras go through the detector, and how."""
+
+    cameras: tuple[str, ...]
+    weights: str
+    sha256: str
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    imgsz: int = 640
+    max_det: int = 1000
+    batch_size: int = 16
+    shards: int = 1
+
+
+@dataclass(frozen=True)
+class RoadConfig:
+    """One road, defaults merged in and validated."""
+
+    id: str
+    name: str
+    bucket: str
+    cameras: tuple[str, ...]
+    classes: tuple[str, ...]
+    short_set_policy: str
+    ingest: IngestLimits
+    detect: DetectSettings
+    schedule: dict[str, Any] = field(default_factory=dict)
+    kubernetes: dict[str, Any] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """sha256 of everything that changes stage outputs (not schedule/kubernetes)."""
+        body = {
+            "id": self.id, "name": self.name, "cameras": self.cameras, "classes": self.classes,
+            "short_set_policy": self.short_set_policy, "detect": self.detect.__dict__,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Return base updated by over, recursing into mappings (as helm merges values)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_roads_file(path: str | Path) -> list[dict]:
+    """Parse the roads file and return each road's raw mapping with `defaults` merged in."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: roads file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("roads"), list):
+        raise ConfigError(f"{p}: expected a mapping with a 'roads' list")
+    unknown = set(doc) - {"defaults", "roads"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown top-level key(s) {sorted(unknown)} (allowed: defaults, roads)")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{p}: 'defaults' must be a mapping")
+    roads = []
+    for i, road in enumerate(doc["roads"]):
+        if not isinstance(road, dict):
+            raise ConfigError(f"{p}: roads[{i}] must be a mapping")
+        roads.append(deep_merge(defaults, road))
+    return roads
+
+
+def _fail(road: str, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"road {road!r}: key {key!r}: {problem}")
+
+
+def _check_keys(road: str, where: str, mapping: dict, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise _fail(road, f"{where}{key}", f"unknown key (allowed: {', '.join(allowed)})")
+
+
+def _number(road: str, key: str, value: Any, kind: type, low: float, high: float | None = None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise _fail(road, key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise _fail(road, key, f"must be in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+    return kind(value)
+
+
+def _str_list(road: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _fail(road, key, f"must be a non-empty list of names, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(road, key, "has duplicates")
+    return tuple(value)
+
+
+def validate_road(raw: dict) -> RoadConfig:
+    """Validate one merged road mapping; raise ConfigError naming the road and key."""
+    road = raw.get("id")
+    if not isinstance(road, str) or not ROAD_ID_RE.match(road):
+        raise ConfigError(f"road {road!r}: key 'id': must match {ROAD_ID_RE.pattern}")
+    _check_keys(road, "", raw, ROAD_KEYS)
+    name = raw.get("name", road)
+    if not isinstance(name, str) or not name:
+        raise _fail(road, "name", "must be a non-empty string")
+    bucket = raw.get("bucket", "answersheet")
+    if not isinstance(bucket, str) or not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+        raise _fail(road, "bucket", f"not a valid S3 bucket name: {bucket!r}")
+    cameras = _str_list(road, "cameras", raw.get("cameras", list(DEFAULT_CAMERAS)))
+    for cam in cameras:
+        if "_" in cam or not re.match(r"^[a-z0-9]+$", cam):
+            raise _fail(road, "cameras", f"camera name {cam!r} must be lowercase letters/digits, no '_'")
+    classes = _str_list(road, "classes", raw.get("classes"))
+    policy = raw.get("short_set_policy", "fill")
+    if policy not in SHORT_SET_POLICIES:
+        raise _fail(road, "short_set_policy", f"must be one of {SHORT_SET_POLICIES}, got {policy!r}")
+
+    ing = raw.get("ingest") or {}
+    if not isinstance(ing, dict):
+        raise _fail(road, "ingest", "must be a mapping")
+    _check_keys(road, "ingest.", ing, INGEST_KEYS)
+    base = IngestLimits()
+    limits = IngestLimits(
+        max_member_bytes=_number(road, "ingest.max_member_bytes", ing.get("max_member_bytes", base.max_member_bytes), int, 1),
+        max_total_bytes=_number(road, "ingest.max_total_bytes", ing.get("max_total_bytes", base.max_total_bytes), int, 1),
+        max_ratio=_number(road, "ingest.max_ratio", ing.get("max_ratio", base.max_ratio), float, 1),
+        max_members=_number(road, "ingest.max_members", ing.get("max_members", base.max_members), int, 1),
+        workers=_number(road, "ingest.workers", ing.get("workers", base.workers), int, 1, 256),
+    )
+
+    det = raw.get("detect")
+    if not isinstance(det, dict):
+        raise _fail(road, "detect", "must be a mapping")
+    _check_keys(road, "detect.", det, DETECT_KEYS)
+    dcams = det.get("cameras", ["side1", "side2"])
+    dcams = cameras if dcams == "all" else _str_list(road, "detect.cameras", dcams)
+    for cam in dcams:
+        if cam not in cameras:
+            raise _fail(road, "detect.cameras", f"{cam!r} is not one of the road's cameras {list(cameras)}")
+    weights = det.get("weights")
+    if not isinstance(weights, str) or not weights:
+        raise _fail(road, "detect.weights", "must be a local path or s3:// URI")
+    for key in ("sha256", "onnx_sha256"):
+        val = det.get(key)
+        if (key == "sha256" or val is not None) and not (isinstance(val, str) and SHA256_RE.match(val)):
+            raise _fail(road, f"detect.{key}", "must be 64 lowercase hex digits")
+    onnx = det.get("onnx")
+    if onnx is not None and (not isinstance(onnx, str) or not det.get("onnx_sha256")):
+        raise _fail(road, "detect.onnx", "must be a path/URI and needs detect.onnx_sha256")
+    backend = det.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise _fail(road, "detect.backend", f"must be one of {BACKENDS}, got {backend!r}")
+    device = det.get("device", "auto")
+    if not isinstance(device, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device):
+        raise _fail(road, "detect.device", f"must be auto, cpu or cuda[:N], got {device!r}")
+    detect = DetectSettings(
+        cameras=tuple(dcams), weights=weights, sha256=det["sha256"], onnx=onnx,
+        onnx_sha256=det.get("onnx_sha256"), backend=backend, device=device,
+        conf_thres=_number(road, "detect.conf_thres", det.get("conf_thres", 0.25), float, 0, 1),
+        iou_thres=_number(road, "detect.iou_thres", det.get("iou_thres", 0.45), float, 0, 1),
+        imgsz=_number(road, "detect.imgsz", det.get("imgsz", 640), int, 32, 8192),
+        max_det=_number(road, "detect.max_det", det.get("max_det", 1000), int, 1),
+        batch_size=_number(road, "detect.batch_size", det.get("batch_size", 16), int, 1, 1024),
+        shards=_number(road, "detect.shards", det.get("shards", 1), int, 1, 256),
+    )
+    if detect.imgsz % 32:
+        raise _fail(road, "detect.imgsz", f"must be a multiple of 32, got {detect.imgsz}")
+    for key in ("schedule", "kubernetes"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise _fail(road, key, "must be a mapping")
+    return RoadConfig(
+        id=road, name=name, bucket=bucket, cameras=cameras, classes=classes,
+        short_set_policy=policy, ingest=limits, detect=detect,
+        schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
+    )
+
+
+def load_road(path: str | Path, road_id: str) -> RoadConfig:
+    """Load and validate one road from the roads file (other roads are not validated)."""
+    roads = read_roads_file(path)
+    matches = [r for r in roads if r.get("id") == road_id]
+    if not matches:
+        ids = [r.get("id") for r in roads]
+        raise ConfigError(f"{path}: road {road_id!r} not found (roads: {ids})")
+    if len(matches) > 1:
+        raise ConfigError(f"{path}: road {road_id!r} defined {len(matches)} times")
+    return validate_road(matches[0])

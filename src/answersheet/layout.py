@@ -1,0 +1,76 @@
+"""Where a road-day's objects live in the bucket (the storage contract documented in the README)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DayLayout:
+    """Object keys for one road and one logical date."""
+
+    road: str
+    day: dt.date
+
+    @property
+    def ymd(self) -> str:
+        return self.day.strftime("%Y%m%d")
+
+    # input
+    @property
+    def raw_prefix(self) -> str:
+        return f"raw/{self.road}/{self.ymd}/"
+
+    # intermediate (work) objects, one prefix per stage
+    @property
+    def work_prefix(self) -> str:
+        return f"work/{self.road}/{self.ymd}/"
+
+    @property
+    def ingest_images(self) -> str:
+        return f"{self.work_prefix}ingest/images/"
+
+    @property
+    def ingest_manifest(self) -> str:
+        return f"{self.work_prefix}ingest/manifest.json"
+
+    @property
+    def detect_labels(self) -> str:
+        return f"{self.work_prefix}detect/labels/"
+
+    def detect_manifest(self, shard: int, shards: int) -> str:
+        return f"{self.work_prefix}detect/manifest-{shard:03d}-of-{shards:03d}.json"
+
+    @property
+    def preprocess_labels(self) -> str:
+        return f"{self.work_prefix}preprocess/labels/"
+
+    @property
+    def preprocess_manifest(self) -> str:
+        return f"{self.work_prefix}preprocess/manifest.json"
+
+    # output: the answer sheet
+    @property
+    def out_prefix(self) -> str:
+        return f"answersheet/{self.road}/{self.ymd}/"
+
+    @property
+    def out_images(self) -> str:
+        return f"{self.out_prefix}images/"
+
+    @property
+    def out_labels(self) -> str:
+        return f"{self.out_prefix}labels/"
+
+    @property
+    def out_manifest(self) -> str:
+        return f"{self.out_prefix}manifest.json"
+
+
+def parse_day(value: str) -> dt.date:
+    """The logical date as given on the command line (YYYY-MM-DD, or an ISO timestamp)."""
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        raise ValueError(f"--date must be YYYY-MM-DD, got {value!r}") from None

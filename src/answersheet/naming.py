@@ -1,0 +1,66 @@
+"""Image names `<road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg`: parse (from the right: road ids may hold `_`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+_NAME_RE = re.compile(r"^(?P<road>.+)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<cam>[a-z0-9]+)\.jpg$")
+
+
+class BadImageName(ValueError):
+    """The member's file name does not follow the naming scheme (the message says how)."""
+
+
+@dataclass(frozen=True, order=True)
+class ImageName:
+    """The parts of one camera image's file name."""
+
+    road: str
+    date: str  # YYYYMMDD
+    time: str  # HHMMSS
+    camera: str
+
+    @property
+    def set_id(self) -> str:
+        """`<road>_<YYYYMMDD>_<HHMMSS>`: the images of one capture instant across cameras."""
+        return f"{self.road}_{self.date}_{self.time}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.set_id}_{self.camera}.jpg"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.set_id}_{self.camera}"
+
+    @property
+    def capture_time(self) -> str:
+        """ISO local capture time, e.g. 2026-11-02T09:13:05."""
+        d, t = self.date, self.time
+        return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}"
+
+
+def set_filename(set_id: str, camera: str) -> str:
+    """File name of camera `camera` in set `set_id`."""
+    return f"{set_id}_{camera}.jpg"
+
+
+def parse_image_name(filename: str, road: str, day: dt.date, cameras: tuple[str, ...]) -> ImageName:
+    """Parse a base file name and check it belongs to this road, day and camera list."""
+    m = _NAME_RE.match(filename)
+    if not m:
+        raise BadImageName(f"name does not match <road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg: {filename!r}")
+    name = ImageName(m["road"], m["date"], m["time"], m["cam"])
+    if name.road != road:
+        raise BadImageName(f"image of another road ({name.road!r}, expected {road!r}): {filename!r}")
+    if name.date != day.strftime("%Y%m%d"):
+        raise BadImageName(f"image of another date ({name.date}, expected {day:%Y%m%d}): {filename!r}")
+    try:
+        dt.time(int(name.time[:2]), int(name.time[2:4]), int(name.time[4:]))
+    except ValueError:
+        raise BadImageName(f"invalid capture time {name.time!r}: {filename!r}") from None
+    if name.camera not in cameras:
+        raise BadImageName(f"unknown camera {name.camera!r} (expected one of {list(cameras)}): {filename!r}")
+    return name

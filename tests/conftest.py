@@ -1,0 +1,69 @@
+"""Shared fixtures: a real HTTP S3 endpoint (moto's server on 127.0.0.1), buckets, roads files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ROADS_FILE = REPO / "dags" / "roads.yaml"
+SHARED = Path(os.environ.get("ANSWERSHEET_SHARED", REPO.parent / "shared"))
+REAL_WEIGHTS = Path(os.environ.get("ANSWERSHEET_WEIGHTS") or SHARED / "models" / "yolov5n.pt")
+ROAD_SAMPLES = Path(os.environ.get("ANSWERSHEET_ROAD_SAMPLES") or SHARED / "samples" / "road")
+DAY = dt.date(2026, 11, 2)
+ROAD = "daewang_pangyo"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 for the whole session; env set as boto3 reads it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield url
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def store(s3_endpoint):
+    """A fresh, empty bucket on the S3 server."""
+    from answersheet.storage import Store
+
+    s = Store(f"test-{uuid.uuid4().hex[:12]}")
+    s.client.create_bucket(Bucket=s.bucket)
+    return s
+
+
+def write_roads_file(path: Path, bucket: str, **road_overrides) -> Path:
+    """The shipped roads file with this test's bucket and overrides deep-merged into the road."""
+    from answersheet.config import deep_merge
+
+    doc = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))
+    doc["roads"][0] = deep_merge(doc["roads"][0], {"bucket": bucket, **road_overrides})
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def photos():
+    """Real photos: the shared road samples when present, else those shipped in yolov5."""
+    from answersheet.sample_day import sample_photos
+
+    return sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
