@@ -178,12 +178,16 @@ def validate_road(raw: dict) -> RoadConfig:
         raise _fail(road, "ingest", "must be a mapping")
     _check_keys(road, "ingest.", ing, INGEST_KEYS)
     base = IngestLimits()
+
+    def limit(key: str, kind: type, low: float, high: float | None = None):
+        return _number(road, f"ingest.{key}", ing.get(key, getattr(base, key)), kind, low, high)
+
     limits = IngestLimits(
-        max_member_bytes=_number(road, "ingest.max_member_bytes", ing.get("max_member_bytes", base.max_member_bytes), int, 1),
-        max_total_bytes=_number(road, "ingest.max_total_bytes", ing.get("max_total_bytes", base.max_total_bytes), int, 1),
-        max_ratio=_number(road, "ingest.max_ratio", ing.get("max_ratio", base.max_ratio), float, 1),
-        max_members=_number(road, "ingest.max_members", ing.get("max_members", base.max_members), int, 1),
-        workers=_number(road, "ingest.workers", ing.get("workers", base.workers), int, 1, 256),
+        max_member_bytes=limit("max_member_bytes", int, 1),
+        max_total_bytes=limit("max_total_bytes", int, 1),
+        max_ratio=limit("max_ratio", float, 1),
+        max_members=limit("max_members", int, 1),
+        workers=limit("workers", int, 1, 256),
     )
 
     det = raw.get("detect")
