@@ -1,0 +1,178 @@
+"""`make demo`: one road-day end to end on a local S3 endpoint, result copied to ./demo-output/.
+
+Starts moto's S3 server on 127.0.0.1 (stopped afterwards), writes a sample day composed from real
+photos (one short set), runs the real DAG in local mode (`airflow dags test`, or `--runner cli` for
+`answersheet run`), downloads `answersheet/<road>/<YYYYMMDD>/` and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from answersheet.config import deep_merge, load_road
+from answersheet.errors import AnswersheetError
+from answersheet.layout import DayLayout
+from answersheet.sample_day import build_day_archives, sample_photos, upload_day
+from answersheet.storage import Store
+
+log = logging.getLogger("answersheet.demo")
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_ROADS = REPO / "dags" / "roads.yaml"
+WEIGHTS_KEY = "models/yolov5n.pt"
+
+
+@contextmanager
+def local_s3():
+    """moto's S3 server on 127.0.0.1 with throwaway credentials in the environment; stopped on exit."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="demo",
+                      AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+
+
+def demo_weights(workdir: Path) -> tuple[Path, bool]:
+    """(weights file, real?): $ANSWERSHEET_WEIGHTS, else yolov5's download, else a random-init model."""
+    env = os.environ.get("ANSWERSHEET_WEIGHTS")
+    if env:
+        path = Path(env).resolve()
+        if not path.is_file():
+            raise AnswersheetError(f"{path}: ANSWERSHEET_WEIGHTS points to no file")
+        return path, True
+    target = workdir / "yolov5n.pt"
+    try:
+        from yolov5.utils.downloads import attempt_download
+
+        got = Path(attempt_download(str(target)))
+        if got.is_file() and got.stat().st_size > 1_000_000:
+            return got, True
+    except Exception as exc:  # noqa: BLE001 - any download failure means: offline
+        log.info("yolov5 weight download unavailable: %s", exc)
+    from answersheet.model import save_random_checkpoint
+
+    save_random_checkpoint(target, cfg="yolov5n.yaml", nc=80)
+    banner = "!" * 78
+    log.warning("\n%s\n!! NO REAL WEIGHTS: using a RANDOMLY INITIALISED YOLOv5n. Its labels are MEANINGLESS.\n"
+                "!! Set ANSWERSHEET_WEIGHTS=/abs/path/yolov5n.pt for real detections.\n%s", banner, banner)
+    return target, False
+
+
+def effective_roads_file(src: Path, road_id: str, bucket: str, weights_sha: str, dst: Path) -> Path:
+    """The roads file with the demo's bucket and the weights' real sha256 (the demo's one override)."""
+    doc = yaml.safe_load(src.read_text(encoding="utf-8"))
+    for i, road in enumerate(doc["roads"]):
+        if road.get("id") == road_id:
+            doc["roads"][i] = deep_merge(road, {
+                "bucket": bucket,
+                "detect": {"weights": f"s3://{bucket}/{WEIGHTS_KEY}", "sha256": weights_sha},
+            })
+    dst.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return dst
+
+
+def download_prefix(store: Store, prefix: str, dest: Path) -> int:
+    """Copy every object under prefix into dest (relative paths kept); returns the count."""
+    objects = store.list(prefix)
+    for obj in objects:
+        path = dest / obj.key[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.get(obj.key))
+    return len(objects)
+
+
+def summary_lines(sheet: dict, classes: tuple[str, ...], out_dir: Path, real_weights: bool) -> list[str]:
+    """The human summary printed at the end of the demo."""
+    c = sheet["counts"]
+    lines = [
+        f"answer sheet: {sheet['road']['name']} ({sheet['road']['id']}) {sheet['date']} -> {out_dir}",
+        f"  images {c['images']} in {c['sets']} sets | detected {c['detected']} | empty labels {c['empty']} | "
+        f"missing {c['missing']} | rejected {c['rejected']} | short sets {c['short_sets']}",
+        f"  boxes {c['boxes']}: " + (", ".join(f"{k} {v}" for k, v in sorted(c['per_class'].items(),
+                                                                              key=lambda kv: -kv[1])) or "none"),
+    ]
+    for set_id, missing in sheet.get("short_sets", {}).items():
+        lines.append(f"  short set {set_id}: missing {', '.join(missing)} (policy {sheet['short_set_policy']})")
+    lines.append(f"  open {out_dir / 'report.html'} and {out_dir / 'datasheet.csv'}")
+    if not real_weights:
+        lines.append("  WARNING: random-init weights were used: the labels are meaningless")
+    return lines
+
+
+def run_demo(out: Path, road_id: str, day: dt.date, runner: str, roads_src: Path, n_sets: int) -> list[str]:
+    """Everything `make demo` does; returns the summary lines."""
+    with tempfile.TemporaryDirectory(prefix="answersheet-demo-") as tmp, local_s3():
+        work = Path(tmp)
+        store = Store("answersheet")
+        store.client.create_bucket(Bucket=store.bucket)
+        weights, real = demo_weights(work)
+        data = weights.read_bytes()
+        store.put(WEIGHTS_KEY, data)
+        roads = effective_roads_file(roads_src, road_id, store.bucket, hashlib.sha256(data).hexdigest(),
+                                     work / "roads.yaml")
+        road = load_road(roads, road_id)
+        photos = sample_photos()
+        archives = build_day_archives(road.id, day, road.cameras, n_sets, photos,
+                                      short_sets={n_sets // 2: ["rear"]})
+        keys = upload_day(store, road.id, day, archives)
+        log.info("sample day: %d archives, %d sets from %d photos (%s)", len(keys), n_sets, len(photos),
+                 photos[0].parent)
+        if runner == "airflow":
+            from answersheet.local_airflow import run_dag_test
+
+            run_dag_test(road.id, day.isoformat(), roads, work / "airflow", dict(os.environ))
+        else:
+            from answersheet.cli import main
+
+            if main(["run", "--road", road.id, "--date", day.isoformat(), "--config", str(roads)]) != 0:
+                raise AnswersheetError("answersheet run failed (see the log above)")
+        layout = DayLayout(road.id, day)
+        dest = out / road.id / layout.ymd
+        if dest.exists():
+            shutil.rmtree(dest)
+        download_prefix(store, layout.out_prefix, dest)
+        sheet = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
+        return summary_lines(sheet, road.classes, dest, real)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="answersheet-demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="demo-output", help="where the answer sheet is copied")
+    parser.add_argument("--road", default="daewang_pangyo")
+    parser.add_argument("--date", default="2026-11-02", help="logical date of the sample day")
+    parser.add_argument("--runner", choices=("airflow", "cli"), default="airflow",
+                        help="airflow: the real DAG in local mode (default); cli: `answersheet run`")
+    parser.add_argument("--roads", default=str(DEFAULT_ROADS), help="roads file to start from")
+    parser.add_argument("--sets", type=int, default=8, help="sets (6 images each) in the sample day")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        lines = run_demo(Path(args.out).resolve(), args.road, dt.date.fromisoformat(args.date), args.runner,
+                         Path(args.roads), args.sets)
+    except AnswersheetError as exc:
+        print(f"answersheet-demo: error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

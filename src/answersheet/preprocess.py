@@ -1,0 +1,164 @@
+"""preprocess: pair every image with a label, write empty labels, check sets against the policy."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+from answersheet import manifest
+from answersheet.day import RoadDay
+from answersheet.errors import AnswersheetError
+from answersheet.naming import BadImageName, parse_image_name, set_filename
+from answersheet.storage import run_bounded, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+EMPTY_SHA256 = sha256_bytes(b"")
+
+
+def _detect_manifests(rd: RoadDay) -> list[dict]:
+    """Every shard's detect manifest for the configured shard count, or an error naming the missing ones."""
+    n = rd.road.detect.shards
+    keys = [rd.layout.detect_manifest(i, n) for i in range(n)]
+    found = {k: rd.store.get_json(k) for k in keys}
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise AnswersheetError(
+            f"{rd.store.uri(missing[0])}: missing — detect shard(s) "
+            f"{[keys.index(k) for k in missing]} of {n} have not finished for this day"
+        )
+    return [found[k] for k in keys]
+
+
+def _rejected_row(rd: RoadDay, rej: dict) -> dict[str, Any]:
+    member = rej.get("member") or ""
+    base = member.replace("\\", "/").rsplit("/", 1)[-1]
+    try:
+        name = parse_image_name(base, rd.road.id, rd.day, rd.road.cameras)
+        set_id, camera, when = name.set_id, name.camera, name.capture_time
+    except BadImageName:
+        set_id, camera, when = "", "", ""
+    return {
+        "name": base or rej["object"].rsplit("/", 1)[-1], "set_id": set_id, "camera": camera,
+        "capture_time": when, "status": "rejected", "selected": False, "image_key": None, "image_sha256": None,
+        "label_key": None, "label_sha256": None, "boxes": 0, "per_class": {},
+        "note": f"{rej['object']}{'!' + member if member else ''}: {rej['reason']}",
+    }
+
+
+def preprocess_day(rd: RoadDay) -> dict[str, Any]:
+    """Pair images and labels, write empty labels, apply the short-set policy; returns counts."""
+    lay, store, road = rd.layout, rd.store, rd.road
+    ingest = manifest.require(store, lay.ingest_manifest, "ingest")
+    detects = _detect_manifests(rd)
+    digest = manifest.inputs_digest(
+        "preprocess", ingest["outputs_digest"], [d["outputs_digest"] for d in detects],
+        [d.get("inputs_digest") for d in detects], road.digest(),
+    )
+    done = manifest.current(store, lay.preprocess_manifest, digest, rd.force)
+    if done:
+        return {**done["counts"], "manifest": store.uri(lay.preprocess_manifest), "skipped": True}
+    started = manifest.begin(store, lay.preprocess_manifest)
+
+    # Image list vs label list: one paginated listing each, no per-object HEADs.
+    listed_images = {o.key for o in store.list(lay.ingest_images)}
+    listed_labels = {o.key for o in store.list(lay.detect_labels)}
+    detected: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for d in detects:
+        detected.update(d["images"])
+        failed.update({f["name"]: f["reason"] for f in d.get("failed", [])})
+    selected = {img["name"] for img in ingest["images"] if img["selected"]}
+    if set(detected) | set(failed) != selected:
+        stray = sorted((set(detected) | set(failed)) ^ selected)[:5]
+        raise AnswersheetError(
+            f"{store.uri(lay.work_prefix + 'detect/')}: detect outputs do not match the ingested images "
+            f"(e.g. {stray}); re-run detect for this day"
+        )
+
+    rows: list[dict[str, Any]] = []
+    empty_labels: list[str] = []
+    for img in ingest["images"]:
+        if img["key"] not in listed_images:
+            raise AnswersheetError(f"{store.uri(img['key'])}: listed in the ingest manifest but missing from S3")
+        stem = img["name"][: -len(".jpg")]
+        row = {
+            "name": img["name"], "set_id": img["set_id"], "camera": img["camera"],
+            "capture_time": img["capture_time"], "selected": img["selected"], "image_key": img["key"],
+            "image_sha256": img["sha256"], "boxes": 0, "per_class": {}, "note": "",
+        }
+        det = detected.get(img["name"])
+        if img["name"] in failed:
+            row.update(status="rejected", image_key=None, image_sha256=None, label_key=None, label_sha256=None,
+                       note=f"detect: {failed[img['name']]}")
+        elif det and det.get("label"):
+            if det["label"] not in listed_labels:
+                raise AnswersheetError(f"{store.uri(det['label'])}: in the detect manifest but missing from S3")
+            shard_outputs = next(d["outputs"] for d in detects if det["label"] in d["outputs"])
+            row.update(status="detected", label_key=det["label"], label_sha256=shard_outputs[det["label"]],
+                       boxes=det["boxes"], per_class=det.get("per_class", {}))
+        else:
+            key = f"{lay.preprocess_labels}{stem}.txt"
+            empty_labels.append(key)
+            row.update(status="empty", label_key=key, label_sha256=EMPTY_SHA256,
+                       note="" if img["selected"] else "camera not sent to the detector")
+        rows.append(row)
+    rows.extend(_rejected_row(rd, rej) for rej in ingest.get("rejections", []))
+
+    # Sets: every set needs one usable image per expected camera.
+    present: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row["set_id"]:
+            present.setdefault(row["set_id"], set())
+            if row["status"] != "rejected":
+                present[row["set_id"]].add(row["camera"])
+    short = {s: [c for c in road.cameras if c not in cams] for s, cams in sorted(present.items())}
+    short = {s: missing for s, missing in short.items() if missing}
+    if short and road.short_set_policy == "fail":
+        listed = "; ".join(f"{s} missing {m}" for s, m in list(short.items())[:10])
+        raise AnswersheetError(
+            f"{store.uri(lay.raw_prefix)}: {len(short)} short set(s) under short_set_policy=fail: {listed}"
+        )
+    for set_id, missing in short.items():
+        hhmmss = set_id.rsplit("_", 1)[-1]
+        for cam in missing:
+            name = set_filename(set_id, cam)
+            row = {
+                "name": name, "set_id": set_id, "camera": cam,
+                "capture_time": f"{rd.day.isoformat()}T{hhmmss[:2]}:{hhmmss[2:4]}:{hhmmss[4:]}",
+                "status": "missing", "selected": cam in road.detect.cameras, "image_key": None,
+                "image_sha256": None, "label_key": None, "label_sha256": None, "boxes": 0, "per_class": {},
+                "note": f"short set: no usable {cam} image",
+            }
+            if road.short_set_policy == "fill":
+                row.update(label_key=f"{lay.preprocess_labels}{name[:-4]}.txt", label_sha256=EMPTY_SHA256,
+                           note=row["note"] + " (placeholder label)")
+                empty_labels.append(row["label_key"])
+            rows.append(row)
+
+    cam_order = {c: i for i, c in enumerate(road.cameras)}
+    rows.sort(key=lambda r: (r["set_id"], cam_order.get(r["camera"], 99), r["name"], r["status"]))
+
+    run_bounded((lambda k=k: store.put(k, b"", "text/plain") for k in empty_labels), road.ingest.workers)
+    store.delete_stale(lay.preprocess_labels, set(empty_labels))
+
+    per_class: dict[str, int] = defaultdict(int)
+    for row in rows:
+        for cls, n in row["per_class"].items():
+            per_class[cls] += n
+    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "missing", "rejected")}
+    counts = {
+        "images": sum(r["image_key"] is not None for r in rows), **status_counts,
+        "sets": len(present), "short_sets": len(short), "boxes": sum(r["boxes"] for r in rows),
+        "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
+    }
+    manifest.commit(
+        store, lay.preprocess_manifest, "preprocess", digest, {k: EMPTY_SHA256 for k in empty_labels}, counts,
+        started, rows=rows, short_sets=short, policy=road.short_set_policy, model=detects[0].get("model", {}),
+        timings={"ingest": ingest.get("seconds"), "detect": max((d.get("seconds") or 0) for d in detects)},
+    )
+    log.info("preprocess: %d images, %d detected, %d empty, %d short set(s) (policy %s)", counts["images"],
+             counts["detected"], counts["empty"], counts["short_sets"], road.short_set_policy)
+    return {**counts, "manifest": store.uri(lay.preprocess_manifest)}
+

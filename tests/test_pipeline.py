@@ -1,0 +1,156 @@
+"""The four stages end to end on a real S3 server with real yolov5 inference: preprocess and datasheet
+behaviour, the answer sheet's layout and checksums, policies, idempotence."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+
+import pytest
+from conftest import DAY, REAL_WEIGHTS, ROAD, write_roads_file
+
+from answersheet.cli import main
+from answersheet.layout import DayLayout
+from answersheet.sample_day import build_day_archives, upload_day
+
+CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
+N_SETS = 4
+SHORT = {1: ["rear"]}  # set 1 has no rear camera
+LAYOUT = DayLayout(ROAD, DAY)
+
+
+@pytest.fixture(scope="session")
+def detect_overrides(tiny_weights):
+    """Real COCO weights when present; else the tiny random model with thresholds that still yield boxes."""
+    if REAL_WEIGHTS.is_file():
+        return {"weights": str(REAL_WEIGHTS), "sha256": hashlib.sha256(REAL_WEIGHTS.read_bytes()).hexdigest()}
+    path, sha = tiny_weights
+    return {"weights": str(path), "sha256": sha, "conf_thres": 1e-6, "max_det": 3, "imgsz": 320}
+
+
+def make_day(store, tmp_path, photos, detect_overrides, **road):
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket,
+                             detect={**detect_overrides, "backend": "torch"}, **road)
+    upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, N_SETS, photos, short_sets=SHORT))
+    return roads
+
+
+def run(roads, *stages, extra=()):
+    codes = [main([s, "--road", ROAD, "--date", DAY.isoformat(), "--config", str(roads), *extra]) for s in stages]
+    return codes
+
+
+def sheet_objects(store) -> dict[str, bytes]:
+    return {o.key[len(LAYOUT.out_prefix):]: store.get(o.key) for o in store.list(LAYOUT.out_prefix)}
+
+
+@pytest.fixture
+def done_day(store, tmp_path, photos, detect_overrides):
+    roads = make_day(store, tmp_path, photos, detect_overrides)
+    assert run(roads, "run") == [0]
+    return store, roads
+
+
+def test_answer_sheet_layout_and_checksums(done_day):
+    store, _ = done_day
+    objs = sheet_objects(store)
+    images = sorted(k for k in objs if k.startswith("images/"))
+    labels = sorted(k for k in objs if k.startswith("labels/"))
+    assert len(images) == N_SETS * 6 - 1  # the short set lacks its rear image
+    assert len(labels) == N_SETS * 6  # fill policy: a placeholder label for the missing camera
+    assert {k[len("labels/"):-4] for k in labels} >= {k[len("images/"):-4] for k in images}
+    assert objs["classes.txt"].decode().splitlines()[:3] == ["person", "bicycle", "car"]
+    manifest = json.loads(objs["manifest.json"])
+    # every output object is listed with its real sha256, and nothing else is there
+    assert set(manifest["outputs"]) == {LAYOUT.out_prefix + k for k in objs if k != "manifest.json"}
+    for key, sha in manifest["outputs"].items():
+        assert hashlib.sha256(objs[key[len(LAYOUT.out_prefix):]]).hexdigest() == sha, key
+    assert manifest["counts"]["short_sets"] == 1
+    assert manifest["short_sets"] == {f"{ROAD}_20261102_090007": ["rear"]}
+    assert manifest["model"]["sha256"]
+    assert set(manifest["timings"]) >= {"ingest", "detect", "preprocess", "datasheet"}
+
+
+def test_datasheet_csv_opens_in_excel_with_korean(done_day):
+    store, _ = done_day
+    raw = store.get(LAYOUT.out_prefix + "datasheet.csv")
+    assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 BOM: Excel picks UTF-8
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+    assert len(rows) == N_SETS * 6
+    assert {r["road_name"] for r in rows} == {"대왕판교"}
+    by_status = {s: [r for r in rows if r["status"] == s] for s in ("detected", "empty", "missing", "rejected")}
+    assert len(by_status["missing"]) == 1 and by_status["missing"][0]["camera"] == "rear"
+    assert by_status["missing"][0]["image"] == ""
+    assert by_status["detected"], "the side cameras of real photos must yield boxes"
+    for r in rows:
+        assert int(r["boxes"]) == sum(int(v) for k, v in r.items() if k.startswith("n_"))
+        if r["camera"] in ("front", "rear", "left", "right"):
+            assert r["selected"] == "no" and r["status"] in ("empty", "missing")
+    # label files agree with the box counts
+    for r in by_status["detected"]:
+        text = store.get(LAYOUT.out_prefix + r["label"]).decode()
+        assert len(text.splitlines()) == int(r["boxes"])
+    for r in by_status["empty"]:
+        assert store.get(LAYOUT.out_prefix + r["label"]) == b""
+
+
+def test_report_shows_samples_with_boxes(done_day):
+    store, _ = done_day
+    objs = sheet_objects(store)
+    page = objs["report.html"].decode()
+    assert "대왕판교" in page
+    samples = sorted(k for k in objs if k.startswith("report/"))
+    assert samples and all(f"src='{k}'" in page for k in samples)
+    assert all(objs[k].startswith(b"\xff\xd8") for k in samples)
+
+
+def test_rerun_is_byte_identical_and_force_recomputes(done_day, caplog):
+    store, roads = done_day
+    before = sheet_objects(store)
+    work_before = {o.key: o.etag for o in store.list(LAYOUT.work_prefix)}
+    with caplog.at_level("INFO"):
+        assert run(roads, "run") == [0]
+    assert sum("is current" in r.message for r in caplog.records) == 4  # every stage skipped
+    assert {o.key: o.etag for o in store.list(LAYOUT.work_prefix)} == work_before
+    assert run(roads, "run", extra=["--force"]) == [0]
+    after = sheet_objects(store)
+    assert set(after) == set(before)
+    for key in before:
+        if key != "manifest.json":  # the manifest holds timings
+            assert after[key] == before[key], key
+    for key in (k for k in after if k.startswith("labels/")):  # no appended duplicate lines
+        lines = after[key].decode().splitlines()
+        assert len(lines) == len(set(lines)), key
+
+
+def test_flag_policy_marks_without_placeholders(store, tmp_path, photos, detect_overrides):
+    roads = make_day(store, tmp_path, photos, detect_overrides, short_set_policy="flag")
+    assert run(roads, "run") == [0]
+    objs = sheet_objects(store)
+    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 6 - 1
+    rows = list(csv.DictReader(io.StringIO(objs["datasheet.csv"].decode("utf-8-sig"))))
+    missing = [r for r in rows if r["status"] == "missing"]
+    assert len(missing) == 1 and missing[0]["label"] == ""
+
+
+def test_fail_policy_names_the_short_set_and_publishes_nothing(store, tmp_path, photos, detect_overrides, capsys):
+    roads = make_day(store, tmp_path, photos, detect_overrides, short_set_policy="fail")
+    assert run(roads, "ingest", "detect") == [0, 0]
+    assert run(roads, "preprocess") == [1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("answersheet: error:") and f"{ROAD}_20261102_090007 missing ['rear']" in err
+    assert store.get_json(LAYOUT.preprocess_manifest) is None
+    assert run(roads, "datasheet") == [1]
+    assert "run the preprocess stage" in capsys.readouterr().err
+    assert store.list(LAYOUT.out_prefix) == []
+
+
+def test_preprocess_names_a_missing_detect_shard(store, tmp_path, photos, detect_overrides, capsys):
+    roads = make_day(store, tmp_path, photos, detect_overrides)
+    assert run(roads, "ingest") == [0]
+    assert run(roads, "preprocess") == [1]
+    err = capsys.readouterr().err
+    assert "detect/manifest-000-of-001.json: missing" in err
+    assert store.get_json(LAYOUT.preprocess_manifest) is None
