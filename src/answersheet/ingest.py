@@ -195,7 +195,7 @@ def _archive_members(rd: RoadDay, run: _DayRun, archive: ObjectInfo) -> Iterator
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
             run.reject(archive.key, None, f"corrupt or truncated zip archive: {type(exc).__name__}: {exc}")
             return
-        progress = Progress(f"ingest {posixpath.basename(archive.key)}", len(infos), unit="member")
+        progress = Progress(f"ingest {posixpath.basename(archive.key)}", len(infos), unit="members")
         files = 0
         total = 0
         with zf:
