@@ -44,7 +44,7 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
     digest = manifest.inputs_digest("datasheet", pre["inputs_digest"], pre["outputs_digest"], road.digest())
     done = manifest.current(store, lay.out_manifest, digest, rd.force)
     if done:
-        return {**done["counts"], "manifest": store.uri(lay.out_manifest), "skipped": True}
+        return {"manifest": store.uri(lay.out_manifest), "counts": done["counts"], "skipped": True}
     started = manifest.begin(store, lay.out_manifest)
     rows: list[dict[str, Any]] = pre["rows"]
 
@@ -95,4 +95,4 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
         short_set_policy=pre.get("policy"), timings=timings,
         classes_sha256=sha256_bytes(("\n".join(road.classes) + "\n").encode()),
     )
-    return {**counts, "manifest": store.uri(lay.out_manifest)}
+    return {"manifest": store.uri(lay.out_manifest), "counts": counts, "skipped": False}

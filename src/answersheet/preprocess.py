@@ -58,7 +58,7 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     )
     done = manifest.current(store, lay.preprocess_manifest, digest, rd.force)
     if done:
-        return {**done["counts"], "manifest": store.uri(lay.preprocess_manifest), "skipped": True}
+        return {"manifest": store.uri(lay.preprocess_manifest), "counts": done["counts"], "skipped": True}
     started = manifest.begin(store, lay.preprocess_manifest)
 
     # Image list vs label list: one paginated listing each, no per-object HEADs.
@@ -160,5 +160,5 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     )
     log.info("preprocess: %d images, %d detected, %d empty, %d short set(s) (policy %s)", counts["images"],
              counts["detected"], counts["empty"], counts["short_sets"], road.short_set_policy)
-    return {**counts, "manifest": store.uri(lay.preprocess_manifest)}
+    return {"manifest": store.uri(lay.preprocess_manifest), "counts": counts, "skipped": False}
 
