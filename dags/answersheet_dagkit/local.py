@@ -1,0 +1,75 @@
+"""Local mode: run a stage's command line as a subprocess of the task (no cluster: laptops, CI, `make demo`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+CLI_ENV = "ANSWERSHEET_CLI"
+ERROR_PREFIX = "answersheet: error:"
+
+
+def resolve_cli() -> str:
+    """$ANSWERSHEET_CLI, else the `answersheet` installed next to this Python, else the one on PATH."""
+    if os.environ.get(CLI_ENV):
+        return os.environ[CLI_ENV]
+    beside = Path(sys.executable).parent / "answersheet"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("answersheet")
+    if not found:
+        raise AirflowFailException(
+            f"local mode: no `answersheet` executable next to {sys.executable} or on PATH (set {CLI_ENV})")
+    return found
+
+
+class AnswersheetCliOperator(BaseOperator):
+    """Run `answersheet <stage> ...` locally; stream its output to the task log; return its summary (XCom).
+
+    Exit 1 with an `answersheet: error:` line is a problem with the input or config: the task fails
+    without retries. Any other failure (crash, signal) is retried like a failed pod.
+    """
+
+    template_fields = ("command",)
+    ui_color = "#e8f4ea"
+
+    def __init__(self, *, command: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.command = command
+        self._proc: subprocess.Popen | None = None
+
+    def execute(self, context: Any) -> Any:
+        with tempfile.TemporaryDirectory(prefix="answersheet-task-") as tmp:
+            summary = Path(tmp) / "summary.json"
+            argv = [resolve_cli(), *self.command[1:], "--summary-json", str(summary)]
+            self.log.info("running: %s", shlex.join(argv))
+            error_line = None
+            self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          errors="replace", env=dict(os.environ))
+            assert self._proc.stdout is not None
+            for line in self._proc.stdout:
+                line = line.rstrip("\n")
+                self.log.info("%s", line)
+                if line.startswith(ERROR_PREFIX):
+                    error_line = line
+            code = self._proc.wait()
+            if code == 0:
+                return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+            if code == 1 and error_line:
+                raise AirflowFailException(error_line)
+            raise AirflowException(
+                f"{self.command[1]} exited with code {code}" + (f": {error_line}" if error_line else ""))
+
+    def on_kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
