@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,13 +17,17 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 CLI_ENV = "ANSWERSHEET_CLI"
-ERROR_PREFIX = "answersheet: error:"
+# `answersheet: error: ...` (exit 1, AnswersheetError) or argparse's `answersheet <stage>: error: ...` (exit 2)
+ERROR_LINE = re.compile(r"^answersheet( [a-z]+)?: error: ")
 
 
 def resolve_cli() -> str:
     """$ANSWERSHEET_CLI, else the `answersheet` installed next to this Python, else the one on PATH."""
     if os.environ.get(CLI_ENV):
-        return os.environ[CLI_ENV]
+        found = shutil.which(os.environ[CLI_ENV])
+        if not found:
+            raise AirflowFailException(f"{CLI_ENV}={os.environ[CLI_ENV]}: not an executable file or command")
+        return found
     beside = Path(sys.executable).parent / "answersheet"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
@@ -36,8 +41,8 @@ def resolve_cli() -> str:
 class AnswersheetCliOperator(BaseOperator):
     """Run `answersheet <stage> ...` locally; stream its output to the task log; return its summary (XCom).
 
-    Exit 1 with an `answersheet: error:` line is a problem with the input or config: the task fails
-    without retries. Any other failure (crash, signal) is retried like a failed pod.
+    Exit 1 or 2 with an `answersheet: error:` line is a problem with the input, config or arguments: the
+    task fails without retries. Any other failure (crash, signal) may be retried.
     """
 
     template_fields = ("command",)
@@ -60,12 +65,12 @@ class AnswersheetCliOperator(BaseOperator):
             for line in self._proc.stdout:
                 line = line.rstrip("\n")
                 self.log.info("%s", line)
-                if line.startswith(ERROR_PREFIX):
+                if ERROR_LINE.match(line):
                     error_line = line
             code = self._proc.wait()
             if code == 0:
                 return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
-            if code == 1 and error_line:
+            if code in (1, 2) and error_line:
                 raise AirflowFailException(error_line)
             raise AirflowException(
                 f"{self.command[1]} exited with code {code}" + (f": {error_line}" if error_line else ""))
