@@ -36,6 +36,7 @@ DAG_FILE = DAGS_DIR / "answersheet_dags.py"
 if str(DAGS_DIR) not in sys.path:
     sys.path.append(str(DAGS_DIR))
 
+from answersheet_dagkit import commands, settings  # noqa: E402, F401 (used by test_contract)
 from answersheet_dagkit.commands import STAGES  # noqa: E402
 from answersheet_dagkit.local import AnswersheetCliOperator  # noqa: E402
 
