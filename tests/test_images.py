@@ -181,3 +181,40 @@ def test_build_context_leaves_out_the_rest():
     for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "dags/roads.yaml", ".tools/x/helm",
                  "helm/answersheet/values.yaml", "src/answersheet/__pycache__/cli.cpython-311.pyc"):
         assert not dockerignore_allows(path), path
+
+
+def workflow(name: str) -> dict:
+    doc = yaml.safe_load((REPO / ".github/workflows" / name).read_text(encoding="utf-8"))
+    doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the bare key `on` as true
+    return doc
+
+
+def test_images_workflow_builds_both_and_pushes_only_from_main_and_tags():
+    wf = workflow("images.yml")
+    assert set(wf["on"]) == {"push", "pull_request"}
+    assert wf["on"]["push"] == {"branches": ["main"], "tags": ["v*.*.*"]}
+    (job,) = wf["jobs"].values()
+    assert sorted(job["strategy"]["matrix"]["image"]) == sorted(IMAGES)
+    steps = {s.get("uses", "").split("@")[0]: s for s in job["steps"]}
+    meta = steps["docker/metadata-action"]["with"]
+    assert meta["images"].endswith("/answersheet-${{ matrix.image }}") and meta["images"].startswith("ghcr.io/")
+    for kind in ("type=sha", "type=ref,event=branch", "type=semver,pattern={{version}}"):
+        assert kind in meta["tags"]
+    build = steps["docker/build-push-action"]["with"]
+    assert build["context"] == "." and build["file"] == "images/${{ matrix.image }}/Dockerfile"
+    assert build["push"] == "${{ env.PUSH == 'true' }}"
+    assert job["env"]["PUSH"] == ("${{ github.event_name == 'push' && (github.ref == 'refs/heads/main' || "
+                                  "startsWith(github.ref, 'refs/tags/v')) }}")
+    assert steps["docker/login-action"]["if"] == "env.PUSH == 'true'"
+    for arg in ("VERSION=", "REVISION=${{ github.sha }}", "SOURCE="):
+        assert arg in build["build-args"]
+
+
+def test_test_workflow_runs_make_test_on_python_311():
+    wf = workflow("test.yml")
+    (job,) = wf["jobs"].values()
+    python = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python"))
+    assert python["with"]["python-version"] == "3.11"
+    runs = [s.get("run", "") for s in job["steps"]]
+    assert "make test" in runs and "make lint helm-template" in runs
+    assert job["runs-on"].startswith("ubuntu")
