@@ -78,7 +78,7 @@ HELM_TEMPLATE_DIR ?= build/helm-template
 
 .PHONY: lint helm-template
 lint: install $(HELM_DEP) ## ruff, hadolint on both Dockerfiles, helm lint --strict of the chart (every values variant)
-	$(VENV)/bin/ruff check src dags tests bench
+	$(VENV)/bin/ruff check $(wildcard src dags tests bench)
 	$(HADOLINT) $(DOCKERFILES)
 	$(HELM) lint --strict $(CHART)
 	@set -e; for values in $(HELM_VARIANTS); do \
