@@ -39,7 +39,7 @@ def airflow_env(airflow_home: Path, roads_file: Path, env: dict[str, str], dags_
     }
 
 
-def _airflow(args: list[str], env: dict[str, str], log_path: Path, stream: TextIO | None) -> tuple[int, list[str]]:
+def run_airflow(args: list[str], env: dict[str, str], log_path: Path, stream: TextIO | None) -> tuple[int, list[str]]:
     """Run `airflow <args>`; output to log_path (and stream); return the exit code and the last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     errors: list[str] = []
@@ -71,26 +71,34 @@ def logical_datetime(road: str, day: str, roads_file: Path) -> str:
     return dt.datetime(date.year, date.month, date.day, 12, tzinfo=zoneinfo.ZoneInfo(tz)).isoformat()
 
 
-def run_dag_test(road: str, logical_date: str, roads_file: Path, airflow_home: Path, env: dict,
-                 *, dags_folder: Path | None = None, stream: TextIO | None = sys.stderr) -> None:
-    """`airflow dags test answersheet_<road> <date>` in local mode; AnswersheetError with the log's tail on failure."""
-    dags_folder = Path(dags_folder or REPO_DAGS)
+def prepare_airflow_home(airflow_home: Path, roads_file: Path, env: dict, dags_folder: Path | None = None
+                         ) -> dict[str, str]:
+    """Create (once) a migrated SQLite AIRFLOW_HOME; return the environment for `airflow` commands on it."""
+    dags_folder = Path(dags_folder or REPO_DAGS).resolve()
     if not (dags_folder / "answersheet_dags.py").is_file():
         raise AnswersheetError(f"{dags_folder}: no answersheet_dags.py (run from a source checkout)")
     airflow_home = Path(airflow_home).resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
-    roads_file = Path(roads_file).resolve()
-    when = logical_datetime(road, logical_date, roads_file)
-    full_env = airflow_env(airflow_home, roads_file, {k: str(v) for k, v in env.items()}, dags_folder)
-    log_path = airflow_home / f"dags-test-{road}-{logical_date}.log"
+    full_env = airflow_env(airflow_home, Path(roads_file).resolve(), {k: str(v) for k, v in env.items()},
+                           dags_folder)
     migrated = airflow_home / ".db-migrated"
     if not migrated.is_file():
-        code, tail = _airflow(["db", "migrate"], full_env, log_path, None)
+        log_path = airflow_home / "db-migrate.log"
+        code, tail = run_airflow(["db", "migrate"], full_env, log_path, None)
         if code:
             raise AnswersheetError(f"airflow db migrate failed (exit {code}, log {log_path}):\n" + "\n".join(tail))
         migrated.touch()
+    return full_env
+
+
+def run_dag_test(road: str, logical_date: str, roads_file: Path, airflow_home: Path, env: dict,
+                 *, dags_folder: Path | None = None, stream: TextIO | None = sys.stderr) -> None:
+    """`airflow dags test answersheet_<road> <date>` in local mode; AnswersheetError with the log's tail on failure."""
+    when = logical_datetime(road, logical_date, Path(roads_file))
+    full_env = prepare_airflow_home(airflow_home, roads_file, env, dags_folder)
+    log_path = Path(full_env["AIRFLOW_HOME"]) / f"dags-test-{road}-{logical_date}.log"
     t0 = time.monotonic()
-    code, tail = _airflow(["dags", "test", f"answersheet_{road}", when], full_env, log_path, stream)
+    code, tail = run_airflow(["dags", "test", f"answersheet_{road}", when], full_env, log_path, stream)
     if code:
         raise AnswersheetError(f"DAG answersheet_{road} failed for {logical_date} (exit {code}, log {log_path}, "
                                f"{time.monotonic() - t0:.0f}s):\n" + "\n".join(tail))
