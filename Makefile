@@ -30,6 +30,10 @@ demo: install ## run one road-day end to end on a local S3 (moto) and write ./de
 test: install ## run the test suite (real S3 server, real Airflow, real yolov5)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: install ## run the benchmarks (figures in BENCHMARKS.md)
+	$(PY) bench/dag_parse.py
+
 # ---------------------------------------------------------------------------------------------
 # Ship it: tools, lint, chart rendering, images, deploy and cluster helpers (see README "Deploy to a cluster").
 # ---------------------------------------------------------------------------------------------
