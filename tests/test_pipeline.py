@@ -85,15 +85,16 @@ def test_datasheet_csv_opens_in_excel_with_korean(done_day):
     assert by_status["missing"][0]["image"] == ""
     assert by_status["detected"], "the side cameras of real photos must yield boxes"
     for r in rows:
+        assert r["label"] == "" or r["label"].startswith(LAYOUT.out_labels)
         assert int(r["boxes"]) == sum(int(v) for k, v in r.items() if k.startswith("n_"))
         if r["camera"] in ("front", "rear", "left", "right"):
             assert r["selected"] == "no" and r["status"] in ("empty", "missing")
     # label files agree with the box counts
     for r in by_status["detected"]:
-        text = store.get(LAYOUT.out_prefix + r["label"]).decode()
+        text = store.get(r["label"]).decode()
         assert len(text.splitlines()) == int(r["boxes"])
     for r in by_status["empty"]:
-        assert store.get(LAYOUT.out_prefix + r["label"]) == b""
+        assert store.get(r["label"]) == b""
 
 
 def test_report_shows_samples_with_boxes(done_day):
