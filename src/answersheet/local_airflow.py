@@ -15,7 +15,6 @@ import sys
 import time
 import zoneinfo
 from pathlib import Path
-from typing import TextIO
 
 from answersheet.config import load_road
 from answersheet.errors import AnswersheetError
@@ -29,7 +28,7 @@ TASK_LOG_SUFFIX = re.compile(r"\s+\[[\w.]+\]\s+loc=\S+$")  # `[logger.name] loc=
 def airflow_env(airflow_home: Path, roads_file: Path, env: dict[str, str], dags_folder: Path) -> dict[str, str]:
     """env plus what points Airflow at a private SQLite home, our dags/ and the roads file, in local mode."""
     return {
-        **env,
+        **{k: v for k, v in env.items() if k != "AIRFLOW_CONFIG"},  # no airflow.cfg but the home's own
         "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
@@ -39,8 +38,9 @@ def airflow_env(airflow_home: Path, roads_file: Path, env: dict[str, str], dags_
     }
 
 
-def run_airflow(args: list[str], env: dict[str, str], log_path: Path, stream: TextIO | None) -> tuple[int, list[str]]:
-    """Run `airflow <args>`; output to log_path (and stream); return the exit code and the last lines."""
+def run_airflow(args: list[str], env: dict[str, str], log_path: Path, echo: bool = False) -> tuple[int, list[str]]:
+    """Run `airflow <args>`; output to log_path (and stderr if echo); return the exit code and the last lines
+    (the stages' `answersheet: error:` lines first)."""
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     errors: list[str] = []
     with open(log_path, "a", encoding="utf-8") as log:
@@ -50,8 +50,8 @@ def run_airflow(args: list[str], env: dict[str, str], log_path: Path, stream: Te
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if stream is not None:
-                stream.write(line)
+            if echo:
+                sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
             if ERROR_MARK in line:
                 error = TASK_LOG_SUFFIX.sub("", line[line.index(ERROR_MARK):].strip())
@@ -84,7 +84,7 @@ def prepare_airflow_home(airflow_home: Path, roads_file: Path, env: dict, dags_f
     migrated = airflow_home / ".db-migrated"
     if not migrated.is_file():
         log_path = airflow_home / "db-migrate.log"
-        code, tail = run_airflow(["db", "migrate"], full_env, log_path, None)
+        code, tail = run_airflow(["db", "migrate"], full_env, log_path)
         if code:
             raise AnswersheetError(f"airflow db migrate failed (exit {code}, log {log_path}):\n" + "\n".join(tail))
         migrated.touch()
@@ -92,13 +92,13 @@ def prepare_airflow_home(airflow_home: Path, roads_file: Path, env: dict, dags_f
 
 
 def run_dag_test(road: str, logical_date: str, roads_file: Path, airflow_home: Path, env: dict,
-                 *, dags_folder: Path | None = None, stream: TextIO | None = sys.stderr) -> None:
+                 *, dags_folder: Path | None = None, echo: bool = True) -> None:
     """`airflow dags test answersheet_<road> <date>` in local mode; AnswersheetError with the log's tail on failure."""
     when = logical_datetime(road, logical_date, Path(roads_file))
     full_env = prepare_airflow_home(airflow_home, roads_file, env, dags_folder)
     log_path = Path(full_env["AIRFLOW_HOME"]) / f"dags-test-{road}-{logical_date}.log"
     t0 = time.monotonic()
-    code, tail = run_airflow(["dags", "test", f"answersheet_{road}", when], full_env, log_path, stream)
+    code, tail = run_airflow(["dags", "test", f"answersheet_{road}", when], full_env, log_path, echo)
     if code:
         raise AnswersheetError(f"DAG answersheet_{road} failed for {logical_date} (exit {code}, log {log_path}, "
                                f"{time.monotonic() - t0:.0f}s):\n" + "\n".join(tail))
