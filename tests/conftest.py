@@ -67,3 +67,14 @@ def photos():
     from answersheet.sample_day import sample_photos
 
     return sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """(path, sha256) of a tiny random-init YOLOv5 (yolov5n.yaml at half width, 80 classes) saved in the
+    official checkpoint format; its boxes are meaningless but deterministic (seed 0)."""
+    from answersheet.model import save_random_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "tiny-yolov5.pt"
+    sha = save_random_checkpoint(path, cfg="yolov5n.yaml", nc=80, width_multiple=0.125, seed=0)
+    return path, sha

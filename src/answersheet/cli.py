@@ -61,7 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name in ("detect", "run"):
             _add_detect(p)
+    _add_export_onnx(sub)
     return parser
+
+
+def _add_export_onnx(sub) -> None:
+    help_text = "export YOLOv5 weights to ONNX (dynamic batch/height/width) beside them, with <file>.sha256"
+    p = sub.add_parser("export-onnx", help=help_text, description=help_text)
+    p.add_argument("--weights", required=True, help="YOLOv5 .pt: local path or s3://bucket/key")
+    p.add_argument("--out", default=None, help="ONNX path or s3:// URI (default: the weights' name with .onnx)")
+    p.add_argument("--sha256", default=None, help="verify the weights against this sha256 first")
+    p.add_argument("--imgsz", type=int, default=640, help="square size the graph is traced at (H, W stay dynamic)")
+
+
+def _export_onnx(args: argparse.Namespace) -> dict:
+    from answersheet.onnx_export import export_onnx
+
+    return export_onnx(args.weights, out=args.out, imgsz=args.imgsz, sha256=args.sha256)
 
 
 def _stage_functions() -> dict[str, Callable]:
@@ -111,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "export-onnx":
+            print(json.dumps(_export_onnx(args)))
+            return 0
         rd = _road_day(args)
         stages = STAGES if args.command == "run" else (args.command,)
         funcs = _stage_functions()

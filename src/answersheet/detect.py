@@ -1,0 +1,346 @@
+"""detect: YOLOv5 over one shard of the day's selected images, one YOLO label file per image with boxes.
+
+Inputs: the ingest manifest (images with `selected: true`, sorted by name; image i belongs to shard
+i % shard_count) and a YOLOv5 checkpoint (local path or s3:// URI) verified against `detect.sha256`
+— or, for the `onnx` backend, `detect.onnx` verified against `detect.onnx_sha256` (without one the
+ONNX graph is derived from the verified checkpoint in a scratch directory).
+
+The shard streams through a bounded pipeline, so memory stays flat in the number of images:
+reader threads GET + sha256-check + decode + letterbox (cv2 releases the GIL), the main thread
+stacks same-shape images into batches and runs the model, writer threads run NMS, format the
+labels and PUT them. A CUDA out-of-memory halves the batch and retries. An image that is not a
+whole JPEG (or whose bytes no longer match the ingest manifest) goes to the manifest's `failed`
+list; the other images of its batch are kept. Labels are byte-identical to `yolov5 detect --save-txt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from answersheet import manifest
+from answersheet.config import DetectSettings
+from answersheet.day import RoadDay
+from answersheet.errors import AnswersheetError
+from answersheet.inference import BadImage, BatchTooLarge, Prepared, prepare
+from answersheet.progress import Progress
+from answersheet.storage import Store, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+STAGE = "detect"
+# On CPU, batches beyond a few images only add cache misses (measured in bench/detector.py).
+CPU_MAX_BATCH = 4
+READERS = int(os.environ.get("ANSWERSHEET_DETECT_READERS", "0")) or None
+WRITERS = 8
+
+
+@dataclass
+class Failure:
+    """An image the detector could not read (reported in the manifest's `failed` list)."""
+
+    name: str
+    key: str
+    reason: str
+
+
+@dataclass
+class Engine:
+    """A ready backend and what the manifest records about it."""
+
+    backend: Any  # inference.TorchBackend | inference.OnnxBackend
+    name: str
+    device: str
+    stride: int
+    names: dict[int, str]
+    model: dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; an explicit cuda device must exist."""
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise AnswersheetError(f"--device {device}: no such CUDA device here "
+                                   f"({torch.cuda.device_count()} visible); use --device cpu or auto")
+        return f"cuda:{index}"
+    return "cpu"
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """auto -> torch on CUDA, else onnx (configured, or derived from the verified weights)."""
+    if backend != "auto":
+        return backend
+    if device.startswith("cuda"):
+        return "torch"
+    try:
+        import onnx  # noqa: F401 - needed only to derive an ONNX file
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
+def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str) -> Engine:
+    """Fetch and verify the model file(s), then build the backend; nothing is written to S3."""
+    from answersheet.inference import OnnxBackend, TorchBackend
+    from answersheet.model import fetch_verified, load_checkpoint
+
+    model = {"weights": settings.weights, "sha256": settings.sha256, "backend": backend,
+             "imgsz": settings.imgsz, "conf_thres": settings.conf_thres, "iou_thres": settings.iou_thres,
+             "max_det": settings.max_det}
+    if backend == "torch":
+        loaded = load_checkpoint(fetch_verified(settings.weights, settings.sha256, scratch, "detect.sha256"))
+        engine = TorchBackend(loaded, device)
+        stride, names = loaded.stride, loaded.names
+    else:
+        if settings.onnx:
+            onnx_path = fetch_verified(settings.onnx, settings.onnx_sha256, scratch, "detect.onnx_sha256")
+            model.update(onnx=settings.onnx, onnx_sha256=settings.onnx_sha256)
+        else:
+            from answersheet.onnx_export import export_model
+
+            weights = fetch_verified(settings.weights, settings.sha256, scratch, "detect.sha256")
+            onnx_path = os.path.join(scratch, "derived.onnx")
+            digest = export_model(weights, onnx_path, imgsz=settings.imgsz, source_sha256=settings.sha256)
+            log.info("no detect.onnx configured: exported the verified weights to ONNX (sha256 %s)", digest)
+            model.update(onnx="derived from weights", onnx_sha256=digest)
+        engine = OnnxBackend(onnx_path, device)
+        stride, names = engine.stride, engine.names
+    model["device"] = device
+    model["providers"] = list(engine.providers)
+    return Engine(backend=engine, name=backend, device=device, stride=stride, names=names, model=model)
+
+
+def shard_images(ingest: dict, shard_index: int, shard_count: int) -> tuple[list[dict], list[dict]]:
+    """(all selected images sorted by name, this shard's images): image i goes to shard i % shard_count."""
+    selected = sorted((img for img in ingest.get("images", []) if img.get("selected")), key=lambda i: i["name"])
+    return selected, selected[shard_index::shard_count]
+
+
+@dataclass
+class ShardRun:
+    """One shard's pass through the pipeline: results, outputs and the (adaptive) batch size."""
+
+    store: Store
+    engine: Engine
+    settings: DetectSettings
+    labels_prefix: str
+    batch_size: int
+    imgsz: int
+    progress: Progress
+    outputs: dict[str, str] = field(default_factory=dict)
+    images: dict[str, dict] = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- readers ----------------------------------------------------------------------------------
+    def read(self, image: dict) -> Prepared | Failure:
+        """GET, check against the ingest manifest's sha256, decode and letterbox one image."""
+        data = self.store.get(image["key"])
+        if image.get("sha256") and sha256_bytes(data) != image["sha256"]:
+            return Failure(image["name"], image["key"],
+                           f"content changed since ingest (sha256 {sha256_bytes(data)}, manifest {image['sha256']})")
+        try:
+            return prepare(image["name"], data, self.imgsz, self.engine.stride)
+        except BadImage as exc:
+            return Failure(image["name"], image["key"], str(exc))
+
+    # -- inference --------------------------------------------------------------------------------
+    def infer(self, batch: list[Prepared]) -> Iterator[tuple[list[Prepared], Any]]:
+        """Run same-shape images in chunks of the current batch size; halve it on out-of-memory."""
+        i = 0
+        while i < len(batch):
+            chunk = batch[i : i + self.batch_size]
+            try:
+                pred = self.engine.backend.infer(np.stack([p.chw for p in chunk]))
+            except BatchTooLarge as exc:
+                if len(chunk) == 1:
+                    raise AnswersheetError(f"detect: out of memory even for a single image ({exc})") from None
+                self.batch_size = max(1, len(chunk) // 2)
+                log.warning("detect: %s — retrying with batches of %d", exc, self.batch_size)
+                continue
+            yield chunk, pred
+            i += len(chunk)
+
+    # -- writers ----------------------------------------------------------------------------------
+    def finish(self, chunk: list[Prepared], pred: Any) -> None:
+        """NMS, label text and PUT for one inferred chunk (runs on a writer thread)."""
+        from answersheet.inference import label_text, nms
+
+        s = self.settings
+        for p, det in zip(chunk, nms(pred, s.conf_thres, s.iou_thres, s.max_det), strict=True):
+            text, classes = label_text(det, p.shape1, p.shape0)
+            key = None
+            if text:
+                key = f"{self.labels_prefix}{p.name[: -len('.jpg')] if p.name.endswith('.jpg') else p.name}.txt"
+                digest = self.store.put(key, text.encode(), "text/plain")
+            per_class = {str(c): n for c, n in sorted(Counter(classes).items())}
+            with self.lock:
+                if key:
+                    self.outputs[key] = digest
+                self.images[p.name] = {"label": key, "boxes": len(classes), "per_class": per_class}
+            self.progress.advance()
+
+    def fail(self, failure: Failure) -> None:
+        log.warning("detect: skipping %s: %s", self.store.uri(failure.key), failure.reason)
+        with self.lock:
+            self.failed.append({"name": failure.name, "key": failure.key, "reason": failure.reason})
+        self.progress.advance()
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def run(self, images: list[dict], readers: int) -> None:
+        """Stream `images` through read -> batch -> infer -> write with bounded queues."""
+        read_ahead = max(2 * readers, 2 * self.batch_size)
+        max_buffered = 2 * self.batch_size  # decoded images waiting for a full same-shape batch
+        writes: deque[Future] = deque()
+        reads: deque[Future] = deque()
+        max_writes = 2 * WRITERS
+        source = iter(images)
+
+        with ThreadPoolExecutor(readers, thread_name_prefix="detect-read") as read_pool, \
+                ThreadPoolExecutor(WRITERS, thread_name_prefix="detect-write") as write_pool:
+
+            def refill() -> None:
+                while len(reads) < read_ahead:
+                    image = next(source, None)
+                    if image is None:
+                        return
+                    reads.append(read_pool.submit(self.read, image))
+
+            def submit(batch: list[Prepared]) -> None:
+                for chunk, pred in self.infer(batch):
+                    writes.append(write_pool.submit(self.finish, chunk, pred))
+                    while len(writes) > max_writes or (writes and writes[0].done()):
+                        writes.popleft().result()
+
+            try:
+                buckets: dict[tuple[int, int], list[Prepared]] = {}
+                refill()
+                while reads:
+                    item = reads.popleft().result()
+                    refill()
+                    if isinstance(item, Failure):
+                        self.fail(item)
+                        continue
+                    bucket = buckets.setdefault(item.shape1, [])
+                    bucket.append(item)
+                    if len(bucket) >= self.batch_size:
+                        submit(buckets.pop(item.shape1))
+                    elif sum(len(b) for b in buckets.values()) > max_buffered:
+                        submit(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+                for shape in list(buckets):
+                    submit(buckets.pop(shape))
+                while writes:
+                    writes.popleft().result()
+            except BaseException:
+                for fut in (*reads, *writes):
+                    fut.cancel()
+                raise
+
+
+def _result(rd: RoadDay, key: str, counts: dict, skipped: bool, shard: int, shards: int) -> dict:
+    return {"manifest": rd.store.uri(key), "counts": counts, "skipped": skipped, "shard": shard, "shards": shards}
+
+
+def detect_day(
+    rd: RoadDay, shard_index: int = 0, shard_count: int | None = None, backend: str | None = None,
+    device: str | None = None, batch_size: int | None = None,
+) -> dict:
+    """Detect objects in this shard's selected images; write labels and the shard's manifest."""
+    settings, store, layout = rd.road.detect, rd.store, rd.layout
+    shard_count = shard_count or settings.shards
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise AnswersheetError(f"--shard-index {shard_index} / --shard-count {shard_count}: "
+                               "need 0 <= shard index < shard count")
+    backend = backend or settings.backend
+    if backend not in ("auto", "torch", "onnx"):
+        raise AnswersheetError(f"--backend {backend!r}: must be auto, torch or onnx")
+    batch_size = batch_size or settings.batch_size
+    if batch_size < 1:
+        raise AnswersheetError(f"--batch-size {batch_size}: must be >= 1")
+    key = layout.detect_manifest(shard_index, shard_count)
+    ingest = manifest.require(store, layout.ingest_manifest, "ingest")
+    selected, mine = shard_images(ingest, shard_index, shard_count)
+
+    device = resolve_device(device or settings.device)
+    backend = resolve_backend(backend, device)
+    if not device.startswith("cuda"):
+        batch_size = min(batch_size, CPU_MAX_BATCH)
+    model_digest = [settings.sha256, settings.onnx_sha256 if backend == "onnx" else None]
+    digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(), model_digest,
+                                    shard_index, shard_count, backend, device.split(":")[0])
+    existing = manifest.current(store, key, digest, rd.force)
+    if existing is not None:
+        return _result(rd, key, existing.get("counts", {}), True, shard_index, shard_count)
+
+    with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
+        engine = load_engine(settings, backend, device, scratch)
+        if len(engine.names) != len(rd.road.classes):
+            raise AnswersheetError(
+                f"{settings.onnx if backend == 'onnx' and settings.onnx else settings.weights}: the model has "
+                f"{len(engine.names)} classes but road {rd.road.id!r} lists {len(rd.road.classes)} "
+                "(key 'classes'); use weights trained for the road's classes"
+            )
+        from answersheet.inference import check_imgsz
+
+        imgsz = check_imgsz(settings.imgsz, engine.stride)
+        log.info("detect: shard %d/%d: %d of %d selected image(s); backend %s on %s (%s), batch %d, imgsz %d",
+                 shard_index, shard_count, len(mine), len(selected), backend, device,
+                 ",".join(engine.model["providers"]), batch_size, imgsz)
+        started = manifest.begin(store, key)
+        progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
+        run = ShardRun(store=store, engine=engine, settings=settings, labels_prefix=layout.detect_labels,
+                       batch_size=batch_size, imgsz=imgsz, progress=progress)
+        readers = READERS or (min(16, 2 * (os.cpu_count() or 2)) if device.startswith("cuda") else 2)
+        run.run(mine, readers)
+        progress.finish()
+
+    _delete_stale_labels(store, layout.detect_labels, run.outputs, {i["name"] for i in mine},
+                         {i["name"] for i in selected}, owns_orphans=shard_index == 0)
+    counts = {
+        "images": len(mine),
+        "labelled": sum(1 for r in run.images.values() if r["label"]),
+        "empty": sum(1 for r in run.images.values() if not r["label"]),
+        "boxes": sum(r["boxes"] for r in run.images.values()),
+        "failed": len(run.failed),
+    }
+    model = {**engine.model, "imgsz": imgsz, "batch_size": run.batch_size}
+    manifest.commit(
+        store, key, STAGE, digest, run.outputs, counts, started, shard=shard_index, shards=shard_count,
+        model=model, images=dict(sorted(run.images.items())), failed=sorted(run.failed, key=lambda f: f["name"]),
+    )
+    if run.failed:
+        log.warning("detect: %d image(s) failed (listed in the manifest), e.g. %s: %s",
+                    len(run.failed), run.failed[0]["name"], run.failed[0]["reason"])
+    return _result(rd, key, counts, False, shard_index, shard_count)
+
+
+def _delete_stale_labels(store: Store, prefix: str, keep: dict[str, str], mine: set[str], selected: set[str],
+                         owns_orphans: bool) -> int:
+    """Remove label files of this shard's images that this run did not write (and, for shard 0,
+    labels of images that are no longer selected at all)."""
+    stale = []
+    for obj in store.list(prefix):
+        if obj.key in keep or not obj.key.endswith(".txt"):
+            continue
+        name = obj.key[len(prefix) : -len(".txt")] + ".jpg"
+        if name in mine or (owns_orphans and name not in selected):
+            stale.append(obj.key)
+    if stale:
+        log.info("detect: removing %d stale label(s) under %s", len(stale), store.uri(prefix))
+        store.delete(stale)
+    return len(stale)

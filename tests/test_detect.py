@@ -1,0 +1,383 @@
+"""detect on a real S3 server with real yolov5 inference: labels equal `yolov5 detect`'s, backends agree,
+sharding, idempotence, corrupt images, OOM fallback, weights verification.
+
+Days are ingested with the real ingest stage from real photos (the shared road samples at their
+own sizes, plus bus.jpg). Most tests use the tiny random-init model (`tiny_weights`); the checks
+against the `yolov5 detect` CLI use the real COCO weights and skip when they are absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DAY, REAL_WEIGHTS, ROAD, ROAD_SAMPLES, SHARED, write_roads_file
+
+from answersheet.cli import main
+from answersheet.config import load_road
+from answersheet.day import RoadDay
+from answersheet.errors import AnswersheetError
+from answersheet.ingest import ingest_day
+from answersheet.label_agreement import agreement
+from answersheet.layout import DayLayout
+from answersheet.sample_day import build_day_archives, sample_photos, upload_day
+from answersheet.storage import Store
+
+CAMERAS = ("side1", "side2")
+N_SETS = 11  # 22 images: every photo once, several sizes, so batches group by shape
+LAYOUT = DayLayout(ROAD, DAY)
+BUS = SHARED / "samples" / "bus.jpg"
+TINY = {"conf_thres": 0.25, "imgsz": 320, "max_det": 100}  # the tiny model: tens of boxes per photo
+VENV_BIN = Path(sys.executable).parent
+
+
+def day_photos() -> list[Path]:
+    photos = sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
+    return ([BUS] if BUS.is_file() else []) + photos
+
+
+def make_day(store: Store, tmp_path: Path, weights: str, sha: str, n_sets: int = N_SETS, **detect) -> Path:
+    """Upload a day of archives, ingest it with the real stage; returns the roads file."""
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+                             detect={"weights": weights, "sha256": sha, "backend": "torch", **detect})
+    upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, n_sets, day_photos()))
+    ingest_day(road_day(store, roads))
+    return roads
+
+
+def road_day(store: Store, roads: Path, force: bool = False) -> RoadDay:
+    return RoadDay(road=load_road(roads, ROAD), day=DAY, store=store, force=force)
+
+
+def detect_cli(roads: Path, *extra: str) -> int:
+    return main(["detect", "--road", ROAD, "--date", DAY.isoformat(), "--config", str(roads), *extra])
+
+
+def labels(store: Store) -> dict[str, str]:
+    """stem -> label text of every label file under detect/labels/."""
+    prefix = LAYOUT.detect_labels
+    return {o.key[len(prefix) : -len(".txt")]: store.get(o.key).decode() for o in store.list(prefix)}
+
+
+def detect_manifest(store: Store, shard: int = 0, shards: int = 1) -> dict:
+    return store.get_json(LAYOUT.detect_manifest(shard, shards))
+
+
+def assert_agree(reference: dict[str, str], other: dict[str, str]) -> None:
+    """Every box matched one-to-one (same class, IoU > 0.9). Another batch composition or backend may
+    round a coordinate to the neighbouring pixel or swap two boxes whose confidences tie to the last
+    float bits, so label files are not compared byte for byte here."""
+    agree = agreement(reference, other)
+    assert set(reference) == set(other), "the same images must have boxes"
+    assert agree.matched == agree.reference_boxes == agree.other_boxes, agree
+
+
+@pytest.fixture(scope="session")
+def tiny_day(s3_endpoint, tiny_weights, tmp_path_factory):
+    """A day ingested once, detected once with the tiny model (torch, batch 4): the reference labels.
+
+    The tiny weights live in another bucket (s3://<models bucket>/...) and are fetched through S3.
+    """
+    models = Store(f"models-{os.getpid()}")
+    models.client.create_bucket(Bucket=models.bucket)
+    path, sha = tiny_weights
+    models.put("yolov5/tiny.pt", path.read_bytes())
+    store = Store(f"tiny-day-{os.getpid()}")
+    store.client.create_bucket(Bucket=store.bucket)
+    tmp = tmp_path_factory.mktemp("tiny-day")
+    uri = f"s3://{models.bucket}/yolov5/tiny.pt"
+    roads = make_day(store, tmp, uri, sha, batch_size=4, **TINY)
+    assert detect_cli(roads) == 0
+    return {"store": store, "roads": roads, "weights": uri, "sha": sha, "labels": labels(store),
+            "manifest": detect_manifest(store), "tmp": tmp}
+
+
+def copy_day(src: Store, dst: Store) -> None:
+    """The raw archives, ingest images and ingest manifest of a day, into another bucket."""
+    for prefix in (LAYOUT.raw_prefix, LAYOUT.work_prefix + "ingest/"):
+        for obj in src.list(prefix):
+            dst.put(obj.key, src.get(obj.key))
+
+
+@pytest.fixture
+def tiny_copy(tiny_day, store, tmp_path):
+    """A fresh bucket holding the tiny day's ingest (nothing detected yet) and its roads file."""
+    copy_day(tiny_day["store"], store)
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+                             detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "backend": "torch",
+                                     "batch_size": 4, **TINY})
+    return store, roads
+
+
+# -- the tiny model: pipeline behaviour ---------------------------------------------------------------
+
+def test_reference_run_labels_every_selected_image(tiny_day):
+    m = tiny_day["manifest"]
+    ingest = tiny_day["store"].get_json(LAYOUT.ingest_manifest)
+    selected = sorted(i["name"] for i in ingest["images"] if i["selected"])
+    assert len(selected) == 2 * N_SETS
+    assert sorted(m["images"]) == selected and m["failed"] == []
+    assert m["counts"]["images"] == len(selected) == m["counts"]["labelled"] + m["counts"]["empty"]
+    assert m["counts"]["labelled"] >= len(selected) // 2, "the tiny model must produce boxes on most photos"
+    assert m["counts"]["boxes"] == sum(len(t.splitlines()) for t in tiny_day["labels"].values())
+    assert m["model"]["sha256"] == tiny_day["sha"] and m["model"]["backend"] == "torch"
+    for name, entry in m["images"].items():
+        if entry["label"]:
+            text = tiny_day["labels"][name[: -len(".jpg")]]
+            assert entry["label"] == f"{LAYOUT.detect_labels}{name[:-4]}.txt"
+            assert m["outputs"][entry["label"]] == hashlib.sha256(text.encode()).hexdigest()
+            assert entry["boxes"] == len(text.splitlines()) == sum(entry["per_class"].values())
+            assert len(set(text.splitlines())) == entry["boxes"], "no duplicate lines"
+            for line in text.splitlines():
+                cls, *xywh = line.split()
+                assert 0 <= int(cls) < 80 and all(0 <= float(v) <= 1 for v in xywh)
+        else:
+            assert entry["boxes"] == 0 and name[:-4] not in tiny_day["labels"]
+
+
+def test_rerun_skips_and_force_rewrites_identical_labels_and_removes_stale(tiny_copy, capsys):
+    store, roads = tiny_copy
+    assert detect_cli(roads) == 0
+    first, first_manifest = labels(store), detect_manifest(store)
+    capsys.readouterr()
+    assert detect_cli(roads) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] is True
+    assert labels(store) == first
+    # Stale files: a label for an image that now has no boxes, and one for an image that is not in the day.
+    empty = next(n for n, e in first_manifest["images"].items() if not e["label"])
+    store.put(f"{LAYOUT.detect_labels}{empty[:-4]}.txt", b"0 0.5 0.5 0.1 0.1\n")
+    store.put(f"{LAYOUT.detect_labels}{ROAD}_{DAY:%Y%m%d}_235959_side1.txt", b"0 0.5 0.5 0.1 0.1\n")
+    assert detect_cli(roads, "--force") == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] is False
+    assert labels(store) == first, "forced re-run: byte-identical labels, stale ones removed"
+    assert detect_manifest(store)["outputs"] == first_manifest["outputs"]
+
+
+def test_shards_union_to_the_unsharded_output(tiny_day, tiny_copy):
+    store, roads = tiny_copy
+    rd = road_day(store, roads)
+    from answersheet.detect import detect_day
+
+    results = [detect_day(rd, shard_index=i, shard_count=3) for i in range(3)]
+    assert [r["counts"]["images"] for r in results] == [8, 7, 7]
+    manifests = [detect_manifest(store, i, 3) for i in range(3)]
+    union: dict = {}
+    for i, m in enumerate(manifests):
+        assert (m["shard"], m["shards"]) == (i, 3)
+        assert not set(union) & set(m["images"])
+        union.update(m["images"])
+    ref = tiny_day["manifest"]
+    assert union == ref["images"]
+    assert {k for m in manifests for k in m["outputs"]} == set(ref["outputs"])
+    assert_agree(tiny_day["labels"], labels(store))
+    ingest = store.get_json(LAYOUT.ingest_manifest)
+    names = sorted(i["name"] for i in ingest["images"] if i["selected"])
+    assert sorted(manifests[1]["images"]) == names[1::3]
+
+
+def test_corrupt_and_changed_images_mid_batch_are_reported_and_skipped(tiny_day, tiny_copy):
+    store, roads = tiny_copy
+    ingest = store.get_json(LAYOUT.ingest_manifest)
+    selected = [i for i in ingest["images"] if i["selected"]]
+    truncated, changed = selected[5], selected[9]
+    # An image cut short (the ingest manifest agrees with the bytes, as if ingest had let it through) ...
+    data = store.get(truncated["key"])
+    cut = data[: len(data) // 2]
+    store.put(truncated["key"], cut)
+    truncated["sha256"] = hashlib.sha256(cut).hexdigest()
+    store.put_json(LAYOUT.ingest_manifest, ingest)
+    # ... and one overwritten after ingest.
+    store.put(changed["key"], b"\xff\xd8\xff not a jpeg any more")
+    assert detect_cli(roads, "--batch-size", "8") == 0
+    m = detect_manifest(store)
+    failed = {f["name"]: f["reason"] for f in m["failed"]}
+    assert set(failed) == {truncated["name"], changed["name"]}
+    assert "truncated JPEG" in failed[truncated["name"]]
+    assert "content changed since ingest" in failed[changed["name"]]
+    assert m["counts"]["failed"] == 2 and m["counts"]["images"] == 2 * N_SETS
+    assert truncated["name"] not in m["images"] and changed["name"] not in m["images"]
+    ref = {k: v for k, v in tiny_day["labels"].items() if k + ".jpg" not in failed}
+    assert_agree(ref, labels(store))  # the other images of the batch keep their labels
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_labels(tiny_day, tiny_copy, monkeypatch, caplog):
+    store, roads = tiny_copy
+    monkeypatch.setenv("ANSWERSHEET_DETECT_OOM_ABOVE", "1")
+    assert detect_cli(roads, "--batch-size", "4") == 0
+    assert "retrying with batches of 2" in caplog.text and "retrying with batches of 1" in caplog.text
+    m = detect_manifest(store)
+    assert m["model"]["batch_size"] == 1
+    assert_agree(tiny_day["labels"], labels(store))  # batch-1 labels equal batched labels
+    assert m["images"] == tiny_day["manifest"]["images"]
+
+
+def test_out_of_memory_for_one_image_is_a_clear_error(tiny_copy, monkeypatch, capsys):
+    store, roads = tiny_copy
+    monkeypatch.setenv("ANSWERSHEET_DETECT_OOM_ABOVE", "0")
+    assert detect_cli(roads) == 1
+    assert "out of memory even for a single image" in capsys.readouterr().err
+    assert detect_manifest(store) is None
+
+
+def test_onnx_export_round_trip_agrees_with_torch(tiny_day, tiny_copy, capsys):
+    store, roads = tiny_copy
+    weights = tiny_day["weights"]
+    assert main(["export-onnx", "--weights", weights, "--sha256", tiny_day["sha"]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    onnx_uri = weights[: -len(".pt")] + ".onnx"
+    assert out["onnx"] == onnx_uri
+    bucket, key = onnx_uri[5:].split("/", 1)
+    models = Store(bucket)
+    digest = hashlib.sha256(models.get(key)).hexdigest()
+    assert out["onnx_sha256"] == digest
+    assert models.get(key + ".sha256").decode() == f"{digest}  tiny.onnx\n"
+    roads = write_roads_file(roads, store.bucket, cameras=list(CAMERAS),
+                             detect={"weights": weights, "sha256": tiny_day["sha"], "onnx": onnx_uri,
+                                     "onnx_sha256": digest, "backend": "onnx", "batch_size": 4, **TINY})
+    assert detect_cli(roads) == 0
+    m = detect_manifest(store)
+    assert (m["model"]["backend"], m["model"]["onnx_sha256"]) == ("onnx", digest)
+    assert_agree(tiny_day["labels"], labels(store))
+    # A wrong ONNX digest is refused like wrong weights.
+    bad = write_roads_file(roads, store.bucket, cameras=list(CAMERAS),
+                           detect={"weights": weights, "sha256": tiny_day["sha"], "onnx": onnx_uri,
+                                   "onnx_sha256": "0" * 64, "backend": "onnx", **TINY})
+    assert detect_cli(bad, "--force") == 1
+    err = capsys.readouterr().err
+    assert f"{onnx_uri}: sha256 mismatch" in err and digest in err and "0" * 64 in err
+
+
+def test_auto_backend_on_cpu_derives_onnx_from_the_weights(tiny_day, tiny_copy):
+    store, roads = tiny_copy
+    assert detect_cli(roads, "--backend", "auto") == 0
+    m = detect_manifest(store)
+    assert (m["model"]["backend"], m["model"]["device"]) == ("onnx", "cpu")
+    assert m["model"]["onnx"] == "derived from weights"
+    assert_agree(tiny_day["labels"], labels(store))
+
+
+# -- bad models: clear errors, nothing written -------------------------------------------------------
+
+def nothing_written(store: Store) -> bool:
+    return not store.list(LAYOUT.work_prefix + "detect/")
+
+
+def test_weights_sha_mismatch_is_a_clear_error_and_writes_nothing(tiny_day, tiny_copy, capsys):
+    store, _ = tiny_copy
+    roads = write_roads_file(tiny_day["tmp"] / "bad-sha.yaml", store.bucket, cameras=list(CAMERAS),
+                             detect={"weights": tiny_day["weights"], "sha256": "a" * 64, "backend": "torch"})
+    assert detect_cli(roads) == 1
+    err = capsys.readouterr().err
+    assert f"answersheet: error: {tiny_day['weights']}: sha256 mismatch" in err
+    assert tiny_day["sha"] in err and "a" * 64 in err
+    assert nothing_written(store)
+
+
+def test_corrupt_weights_file_is_a_clear_error(tiny_copy, tmp_path, capsys, tiny_weights):
+    store, _ = tiny_copy
+    for name, data in (("garbage.pt", b"not a checkpoint" * 100),
+                       ("truncated.pt", tiny_weights[0].read_bytes()[:50_000])):
+        path = tmp_path / name
+        path.write_bytes(data)
+        roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+                                 detect={"weights": str(path), "sha256": hashlib.sha256(data).hexdigest(),
+                                         "backend": "torch"})
+        assert detect_cli(roads) == 1
+        err = capsys.readouterr().err
+        assert f"answersheet: error: {path}: " in err
+        assert "checkpoint" in err
+        assert nothing_written(store)
+
+
+def test_class_count_mismatch_is_a_clear_error(tiny_day, tiny_copy, capsys):
+    store, _ = tiny_copy
+    roads = write_roads_file(tiny_day["tmp"] / "classes.yaml", store.bucket, cameras=list(CAMERAS),
+                             classes=["car", "truck", "bus"],
+                             detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "backend": "torch"})
+    assert detect_cli(roads) == 1
+    assert "the model has 80 classes but road 'daewang_pangyo' lists 3" in capsys.readouterr().err
+    assert nothing_written(store)
+
+
+def test_missing_ingest_manifest_names_the_stage(store, tmp_path, tiny_weights):
+    path, sha = tiny_weights
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, detect={"weights": str(path), "sha256": sha})
+    with pytest.raises(AnswersheetError, match="ingest/manifest.json: missing — run the ingest stage"):
+        from answersheet.detect import detect_day
+
+        detect_day(road_day(store, roads))
+
+
+def test_bad_shard_arguments(tiny_copy, capsys):
+    _, roads = tiny_copy
+    assert detect_cli(roads, "--shard-index", "3", "--shard-count", "3") == 1
+    assert "need 0 <= shard index < shard count" in capsys.readouterr().err
+
+
+# -- real COCO weights: equal to `yolov5 detect` -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def real_day(s3_endpoint, tmp_path_factory):
+    """A day detected with the real weights (torch via the CLI), and `yolov5 detect` on the same images."""
+    if not REAL_WEIGHTS.is_file():
+        pytest.skip(f"real YOLOv5 weights not found at {REAL_WEIGHTS} (set ANSWERSHEET_WEIGHTS)")
+    sha = hashlib.sha256(REAL_WEIGHTS.read_bytes()).hexdigest()
+    store = Store(f"real-day-{os.getpid()}")
+    store.client.create_bucket(Bucket=store.bucket)
+    store.put("models/yolov5n.pt", REAL_WEIGHTS.read_bytes())
+    tmp = tmp_path_factory.mktemp("real-day")
+    roads = make_day(store, tmp, f"s3://{store.bucket}/models/yolov5n.pt", sha)
+    assert detect_cli(roads) == 0
+    ours, manifest = labels(store), detect_manifest(store)
+    # The seed's way: `yolov5 detect` on the ingested images, same thresholds and size.
+    src = tmp / "images"
+    src.mkdir()
+    for img in store.get_json(LAYOUT.ingest_manifest)["images"]:
+        (src / img["name"]).write_bytes(store.get(img["key"]))
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    subprocess.run(
+        [str(VENV_BIN / "yolov5"), "detect", "--weights", str(REAL_WEIGHTS.resolve()), "--source", str(src),
+         "--save-txt", "--nosave", "--conf-thres", "0.25", "--iou-thres", "0.45", "--imgsz", "640",
+         "--project", str(tmp / "runs"), "--name", "exp"],
+        check=True, env=env, cwd=tmp, capture_output=True,
+    )
+    cli = {p.stem: p.read_text() for p in (tmp / "runs" / "exp" / "labels").glob("*.txt")}
+    return {"store": store, "roads": roads, "ours": ours, "manifest": manifest, "cli": cli, "sha": sha, "tmp": tmp}
+
+
+def test_real_weights_labels_equal_yolov5_detect(real_day):
+    assert real_day["cli"], "yolov5 detect wrote no labels"
+    assert real_day["ours"] == real_day["cli"]
+    m = real_day["manifest"]
+    assert m["model"]["sha256"] == real_day["sha"] and m["counts"]["failed"] == 0
+
+
+def test_real_weights_find_the_bus_and_its_people(real_day):
+    if not BUS.is_file():
+        pytest.skip(f"{BUS} not found")
+    m = real_day["manifest"]
+    bus_names = [n for n, e in m["images"].items() if e["per_class"].get("5")]
+    assert bus_names, "a bus must be detected in bus.jpg"
+    per_class = m["images"][bus_names[0]]["per_class"]
+    assert per_class["5"] >= 1 and per_class.get("0", 0) >= 4, per_class
+
+
+def test_real_weights_onnx_backend_agrees(real_day, capsys):
+    store, roads = real_day["store"], real_day["roads"]
+    weights = f"s3://{store.bucket}/models/yolov5n.pt"
+    assert main(["export-onnx", "--weights", weights, "--sha256", real_day["sha"]]) == 0
+    digest = json.loads(capsys.readouterr().out)["onnx_sha256"]
+    roads = write_roads_file(real_day["tmp"] / "onnx.yaml", store.bucket, cameras=list(CAMERAS),
+                             detect={"weights": weights, "sha256": real_day["sha"],
+                                     "onnx": f"s3://{store.bucket}/models/yolov5n.onnx", "onnx_sha256": digest,
+                                     "backend": "onnx"})
+    assert detect_cli(roads) == 0
+    assert detect_manifest(store)["model"]["backend"] == "onnx"
+    onnx_labels = labels(store)
+    assert_agree(real_day["cli"], onnx_labels)
+    assert agreement(real_day["cli"], onnx_labels).identical_files >= 0.9 * len(real_day["cli"])
