@@ -11,6 +11,9 @@ SHARED ?= ../shared
 # Real COCO weights for tests/demo when present (the tests skip the real-weights checks without them).
 ANSWERSHEET_WEIGHTS ?= $(if $(wildcard $(SHARED)/models/yolov5n.pt),$(abspath $(SHARED)/models/yolov5n.pt),)
 export ANSWERSHEET_WEIGHTS
+# Real road photos for the demo's sample day when present (else the photos shipped in the yolov5 package).
+ANSWERSHEET_SAMPLE_DIR ?= $(if $(wildcard $(SHARED)/samples/road/*.jpg),$(abspath $(SHARED)/samples/road),)
+export ANSWERSHEET_SAMPLE_DIR
 
 .PHONY: help install demo test
 help: ## list targets

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ log = logging.getLogger("answersheet.demo")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROADS = REPO / "dags" / "roads.yaml"
 WEIGHTS_KEY = "models/yolov5n.pt"
+DOWNLOAD_TIMEOUT_S = 45
 
 
 @contextmanager
@@ -39,6 +42,7 @@ def local_s3():
     """moto's S3 server on 127.0.0.1 with throwaway credentials in the environment; stopped on exit."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -59,14 +63,8 @@ def demo_weights(workdir: Path) -> tuple[Path, bool]:
             raise AnswersheetError(f"{path}: ANSWERSHEET_WEIGHTS points to no file")
         return path, True
     target = workdir / "yolov5n.pt"
-    try:
-        from yolov5.utils.downloads import attempt_download
-
-        got = Path(attempt_download(str(target)))
-        if got.is_file() and got.stat().st_size > 1_000_000:
-            return got, True
-    except Exception as exc:  # noqa: BLE001 - any download failure means: offline
-        log.info("yolov5 weight download unavailable: %s", exc)
+    if download_official_weights(target):
+        return target, True
     from answersheet.model import save_random_checkpoint
 
     save_random_checkpoint(target, cfg="yolov5n.yaml", nc=80)
@@ -74,6 +72,22 @@ def demo_weights(workdir: Path) -> tuple[Path, bool]:
     log.warning("\n%s\n!! NO REAL WEIGHTS: using a RANDOMLY INITIALISED YOLOv5n. Its labels are MEANINGLESS.\n"
                 "!! Set ANSWERSHEET_WEIGHTS=/abs/path/yolov5n.pt for real detections.\n%s", banner, banner)
     return target, False
+
+
+def download_official_weights(target: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> bool:
+    """yolov5's own weight download, in a child process killed after timeout_s (offline it retries for minutes)."""
+    code = ("import sys\nfrom yolov5.utils.downloads import attempt_download\n"
+            "attempt_download(sys.argv[1])")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.info("yolov5 weight download: no answer in %.0fs (offline?)", timeout_s)
+        return False
+    return target.is_file() and target.stat().st_size > 1_000_000
 
 
 def effective_roads_file(src: Path, road_id: str, bucket: str, weights_sha: str, dst: Path) -> Path:

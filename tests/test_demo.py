@@ -1,0 +1,35 @@
+"""`make demo`'s program end to end (CLI runner; the Airflow runner is covered by the DAG e2e test)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REAL_WEIGHTS
+
+
+def test_demo_writes_answer_sheet_and_summary(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    if REAL_WEIGHTS.is_file():
+        env["ANSWERSHEET_WEIGHTS"] = str(REAL_WEIGHTS)
+    out = tmp_path / "demo-output"
+    proc = subprocess.run([sys.executable, "-m", "answersheet.demo", "--runner", "cli", "--out", str(out),
+                           "--sets", "3"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sheet = out / "daewang_pangyo" / "20261102"
+    summary = proc.stdout
+    assert f"answer sheet: 대왕판교 (daewang_pangyo) 2026-11-02 -> {sheet}" in summary
+    assert "images 17 in 3 sets" in summary and "short sets 1" in summary
+    assert "short set daewang_pangyo_20261102_090007: missing rear (policy fill)" in summary
+    manifest = json.loads((sheet / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["images"] == 17 and manifest["counts"]["boxes"] > 0
+    rows = list(csv.DictReader(io.StringIO((sheet / "datasheet.csv").read_text(encoding="utf-8-sig"))))
+    assert len(rows) == 18
+    assert len(list((sheet / "images").iterdir())) == 17 and len(list((sheet / "labels").iterdir())) == 18
+    assert (sheet / "report.html").read_text(encoding="utf-8").count("<figure>") >= 1
+    if not REAL_WEIGHTS.is_file() and "ANSWERSHEET_WEIGHTS" not in os.environ:
+        assert "RANDOMLY INITIALISED" in proc.stderr
