@@ -20,22 +20,20 @@ DIGEST = "sha256:" + "ab" * 32
 
 
 def rendered_pods(dag) -> list[tuple[str, int, dict]]:
-    """(task_id, map_index, pod manifest) for every task instance of the DAG, rendered without a cluster."""
+    """(task_id, map_index, pod manifest) for every task instance of the DAG, rendered without a cluster
+    the way the task runner renders it (a mapped task is expanded for each map index first)."""
     from kubernetes.client import ApiClient
 
     out = []
     for task in dag.tasks:
-        if isinstance(task, MappedOperator):
-            instances = [(i, task.unmap(kwargs)) for i, kwargs in enumerate(task.expand_input.value)]
-        else:
-            instances = [(-1, task)]
-        for map_index, op in instances:
-            ti = SimpleNamespace(dag_id=dag.dag_id, task_id=op.task_id, map_index=map_index, try_number=1)
+        mapped = isinstance(task, MappedOperator)
+        for map_index in range(len(task.expand_input.value)) if mapped else [-1]:
+            ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, map_index=map_index, try_number=1)
             ctx = {"logical_date": LOGICAL_DATE, "ti": ti, "run_id": "scheduled__2026-11-02T00:00:00+00:00",
-                   "dag": dag}
-            op.render_template_fields(ctx)
-            pod = op.build_pod_request_obj(ctx, dry_run=True)
-            out.append((op.task_id, map_index, ApiClient().sanitize_for_serialization(pod)))
+                   "dag": dag, "dag_run": SimpleNamespace(conf={}), "task": task}
+            task.render_template_fields(ctx)  # a mapped task puts its unmapped, rendered operator in ctx["task"]
+            pod = ctx["task"].build_pod_request_obj(ctx, dry_run=True)
+            out.append((task.task_id, map_index, ApiClient().sanitize_for_serialization(pod)))
     return out
 
 
