@@ -15,6 +15,7 @@ list; the other images of its batch are kept. Labels are byte-identical to `yolo
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -31,7 +32,7 @@ from answersheet import manifest
 from answersheet.config import DetectSettings
 from answersheet.day import RoadDay
 from answersheet.errors import AnswersheetError
-from answersheet.inference import BadImage, BatchTooLarge, Prepared, prepare
+from answersheet.inference import BadImage, BatchTooLarge, Prepared, candidates, prepare
 from answersheet.progress import Progress
 from answersheet.storage import Store, sha256_bytes
 
@@ -65,33 +66,51 @@ class Engine:
     model: dict[str, Any]
 
 
-def resolve_device(device: str) -> str:
-    """auto -> cuda when a GPU is visible, else cpu; an explicit cuda device must exist."""
-    import torch
-
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise AnswersheetError(f"--device {device}: no such CUDA device here "
-                                   f"({torch.cuda.device_count()} visible); use --device cpu or auto")
-        return f"cuda:{index}"
-    return "cpu"
+def gpu_visible() -> bool:
+    """An NVIDIA GPU is exposed to this container (checked without importing torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """auto -> torch on CUDA, else onnx (configured, or derived from the verified weights)."""
-    if backend != "auto":
-        return backend
-    if device.startswith("cuda"):
-        return "torch"
+def _torch_cuda_count() -> int:
     try:
-        import onnx  # noqa: F401 - needed only to derive an ONNX file
-        import onnxruntime  # noqa: F401
+        import torch
     except ImportError:
-        return "torch"
-    return "onnx"
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
+
+
+def resolve_engine(backend: str, device: str) -> tuple[str, str]:
+    """(backend, device) from the requested ones.
+
+    device auto -> cuda:0 when a GPU is visible (and usable by the backend), else cpu; an explicit cuda
+    device must exist. backend auto -> torch on CUDA, else onnx (ONNX Runtime; no torch import at all).
+    """
+    gpu = gpu_visible()
+    if device == "auto":
+        if gpu and backend in ("auto", "torch") and _torch_cuda_count():
+            device = "cuda:0"
+        elif gpu and backend == "onnx" and _ort_has_cuda():
+            device = "cuda:0"
+        else:
+            device = "cpu"
+    elif device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        ok = _ort_has_cuda() if backend == "onnx" else index < _torch_cuda_count()
+        if not gpu or not ok:
+            raise AnswersheetError(f"--device {device}: no usable CUDA device here for the {backend} backend; "
+                                   "use --device cpu or auto")
+        device = f"cuda:{index}"
+    if backend == "auto":
+        backend = "torch" if device.startswith("cuda") else "onnx"
+    return backend, device
 
 
 def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str) -> Engine:
@@ -177,22 +196,25 @@ class ShardRun:
             i += len(chunk)
 
     # -- writers ----------------------------------------------------------------------------------
-    def finish(self, chunk: list[Prepared], pred: Any) -> None:
-        """NMS, label text and PUT for one inferred chunk (runs on a writer thread)."""
+    def finish(self, images: list[tuple[str, tuple[int, int], tuple[int, int]]], cands: list[np.ndarray]) -> None:
+        """NMS, label text and PUT for one inferred chunk (runs on a writer thread).
+
+        `images` holds (name, original shape, letterboxed shape); `cands` the rows above conf_thres.
+        """
         from answersheet.inference import label_text, nms
 
         s = self.settings
-        for p, det in zip(chunk, nms(pred, s.conf_thres, s.iou_thres, s.max_det), strict=True):
-            text, classes = label_text(det, p.shape1, p.shape0)
+        for (name, shape0, shape1), rows in zip(images, cands, strict=True):
+            text, classes = label_text(nms(rows, s.conf_thres, s.iou_thres, s.max_det), shape1, shape0)
             key = None
             if text:
-                key = f"{self.labels_prefix}{p.name[: -len('.jpg')] if p.name.endswith('.jpg') else p.name}.txt"
+                key = f"{self.labels_prefix}{name[: -len('.jpg')] if name.endswith('.jpg') else name}.txt"
                 digest = self.store.put(key, text.encode(), "text/plain")
             per_class = {str(c): n for c, n in sorted(Counter(classes).items())}
             with self.lock:
                 if key:
                     self.outputs[key] = digest
-                self.images[p.name] = {"label": key, "boxes": len(classes), "per_class": per_class}
+                self.images[name] = {"label": key, "boxes": len(classes), "per_class": per_class}
             self.progress.advance()
 
     def fail(self, failure: Failure) -> None:
@@ -208,7 +230,7 @@ class ShardRun:
         max_buffered = 2 * self.batch_size  # decoded images waiting for a full same-shape batch
         writes: deque[Future] = deque()
         reads: deque[Future] = deque()
-        max_writes = 2 * WRITERS
+        max_writes = 4 * WRITERS
         source = iter(images)
 
         with ThreadPoolExecutor(readers, thread_name_prefix="detect-read") as read_pool, \
@@ -223,7 +245,11 @@ class ShardRun:
 
             def submit(batch: list[Prepared]) -> None:
                 for chunk, pred in self.infer(batch):
-                    writes.append(write_pool.submit(self.finish, chunk, pred))
+                    # Only the candidate rows (and no pixels) wait for the writers: memory stays small.
+                    cands = candidates(pred, self.settings.conf_thres)
+                    del pred
+                    meta = [(p.name, p.shape0, p.shape1) for p in chunk]
+                    writes.append(write_pool.submit(self.finish, meta, cands))
                     while len(writes) > max_writes or (writes and writes[0].done()):
                         writes.popleft().result()
 
@@ -276,8 +302,7 @@ def detect_day(
     ingest = manifest.require(store, layout.ingest_manifest, "ingest")
     selected, mine = shard_images(ingest, shard_index, shard_count)
 
-    device = resolve_device(device or settings.device)
-    backend = resolve_backend(backend, device)
+    backend, device = resolve_engine(backend, device or settings.device)
     if not device.startswith("cuda"):
         batch_size = min(batch_size, CPU_MAX_BATCH)
     model_digest = [settings.sha256, settings.onnx_sha256 if backend == "onnx" else None]

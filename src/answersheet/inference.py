@@ -1,20 +1,26 @@
 """YOLOv5 inference shared by every backend: one preprocessing, one postprocessing, two engines.
 
-Preprocessing is what `yolov5 detect` does per image (LoadImages): decode with cv2.imdecode (BGR),
-yolov5's `letterbox(auto=True, stride=model stride)`, HWC->CHW, BGR->RGB, uint8 -> float / 255.
-Postprocessing is yolov5's `non_max_suppression` (one image at a time, as the CLI calls it),
-`scale_boxes(...).round()` and `xyxy2xywh / gain`, written in reverse confidence order with '%g'
-— so a label file is byte-for-byte what `yolov5 detect --save-txt` writes for the same image.
+Pre- and postprocessing are what `yolov5 detect` does per image, ported line by line from yolov5
+7.0 to numpy + OpenCV so that the ONNX path needs no torch (importing this CUDA build of torch alone
+costs ~0.9 GB RSS and seconds of start-up): decode with cv2.imdecode (BGR), `letterbox(auto=True,
+stride=model stride)`, HWC->CHW, BGR->RGB, uint8 -> float32 / 255; then `non_max_suppression`
+(conf = obj * cls, best class only, boxes offset by class * 7680, greedy IoU NMS as
+torchvision.ops.nms, max_det), `scale_boxes(...).round()` and `xyxy2xywh / gain` written in
+reverse confidence order with '%g' — so a label file is byte-for-byte what `yolov5 detect
+--save-txt` writes. Every operation keeps yolov5's float32 arithmetic; tests/test_detect_inference.py
+checks the ports against yolov5's own functions.
 
 Images of one original size share one letterbox shape, so they can be stacked into one batch
 without changing any image's input. Backends: `TorchBackend` (CUDA fp16 with pinned memory and
 non-blocking copies; or CPU fp32) and `OnnxBackend` (ONNX Runtime; CUDA/TensorRT providers
-when installed, else CPU). Both return the raw (n, anchors, 5 + nc) float32 predictions.
+when installed, else CPU). Both return raw (n, anchors, 5 + nc) predictions; only the candidates
+above the confidence threshold leave the GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +74,31 @@ def decode_bgr(data: bytes) -> np.ndarray:
     return bgr
 
 
-def letterbox_chw(bgr: np.ndarray, imgsz: int, stride: int) -> np.ndarray:
-    """yolov5's letterbox (auto=True: minimal stride-multiple padding) as a contiguous CHW RGB array."""
-    from yolov5.utils.augmentations import letterbox
+MAX_WH = 7680  # yolov5: class offset for batched NMS (maximum box width/height)
+MAX_NMS = 30000  # yolov5: most boxes sorted into NMS
 
-    im = letterbox(bgr, (imgsz, imgsz), stride=stride, auto=True)[0]
+
+def letterbox(im: np.ndarray, new_shape: tuple[int, int], stride: int, color=(114, 114, 114)) -> np.ndarray:
+    """yolov5.utils.augmentations.letterbox(auto=True, scaleup=True): resize, then pad to a stride multiple."""
+    import cv2
+
+    shape = im.shape[:2]  # current shape [height, width]
+    r = min(new_shape[0] / shape[0], new_shape[1] / shape[1])
+    new_unpad = int(round(shape[1] * r)), int(round(shape[0] * r))
+    dw, dh = new_shape[1] - new_unpad[0], new_shape[0] - new_unpad[1]  # wh padding
+    dw, dh = np.mod(dw, stride), np.mod(dh, stride)  # auto: minimum rectangle
+    dw /= 2  # divide padding into 2 sides
+    dh /= 2
+    if shape[::-1] != new_unpad:  # resize
+        im = cv2.resize(im, new_unpad, interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    return cv2.copyMakeBorder(im, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+
+
+def letterbox_chw(bgr: np.ndarray, imgsz: int, stride: int) -> np.ndarray:
+    """The letterboxed image as the model's contiguous CHW RGB uint8 input (as LoadImages yields it)."""
+    im = letterbox(bgr, (imgsz, imgsz), stride=stride)
     return np.ascontiguousarray(im.transpose((2, 0, 1))[::-1])
 
 
@@ -83,35 +109,111 @@ def prepare(name: str, data: bytes, imgsz: int, stride: int) -> Prepared:
 
 
 def check_imgsz(imgsz: int, stride: int) -> int:
-    """The inference size the CLI would use (a multiple of the model stride)."""
-    from yolov5.utils.general import check_img_size
-
-    return int(check_img_size(imgsz, s=stride))
-
-
-def nms(pred: Any, conf_thres: float, iou_thres: float, max_det: int) -> list:
-    """yolov5's non_max_suppression, one image at a time (the CLI's time limit and rules): [(n, 6) xyxy conf cls]."""
-    from yolov5.utils.general import non_max_suppression
-
-    return [non_max_suppression(pred[i : i + 1], conf_thres, iou_thres, max_det=max_det)[0]
-            for i in range(pred.shape[0])]
+    """yolov5's check_img_size: the inference size rounded up to a multiple of the model stride."""
+    size = math.ceil(imgsz / stride) * stride
+    if size != imgsz:
+        log.warning("imgsz %d is not a multiple of the model stride %d: using %d", imgsz, stride, size)
+    return size
 
 
-def label_text(det: Any, shape1: tuple[int, int], shape0: tuple[int, int]) -> tuple[str, list[int]]:
+def candidates(pred: Any, conf_thres: float) -> list[np.ndarray]:
+    """Per image, the float32 prediction rows with objectness > conf_thres (filtered on the model's device)."""
+    out = []
+    for p in pred:
+        if hasattr(p, "cpu"):  # a torch tensor (fp16 on CUDA): compare in float32, as yolov5 on CPU does
+            p = p.float()
+            out.append(p[p[:, 4] > conf_thres].cpu().numpy())
+        else:
+            p = np.asarray(p, np.float32)
+            out.append(p[p[:, 4] > conf_thres])
+    return out
+
+
+def xywh2xyxy(x: np.ndarray) -> np.ndarray:
+    y = np.copy(x)
+    y[..., 0] = x[..., 0] - x[..., 2] / 2  # top left x
+    y[..., 1] = x[..., 1] - x[..., 3] / 2  # top left y
+    y[..., 2] = x[..., 0] + x[..., 2] / 2  # bottom right x
+    y[..., 3] = x[..., 1] + x[..., 3] / 2  # bottom right y
+    return y
+
+
+def xyxy2xywh(x: np.ndarray) -> np.ndarray:
+    y = np.copy(x)
+    y[..., 0] = (x[..., 0] + x[..., 2]) / 2  # x center
+    y[..., 1] = (x[..., 1] + x[..., 3]) / 2  # y center
+    y[..., 2] = x[..., 2] - x[..., 0]  # width
+    y[..., 3] = x[..., 3] - x[..., 1]  # height
+    return y
+
+
+def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
+    """torchvision.ops.nms (CPU kernel): stable descending score order, greedy, suppress IoU > iou_thres."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(boxes), bool)
+    keep = []
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        rest = order[pos + 1 :]
+        rest = rest[~suppressed[rest]]
+        if not len(rest):
+            continue
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 for empty boxes: NaN, kept (as torchvision)
+            ovr = inter / (areas[i] + areas[rest] - inter)
+        suppressed[rest[ovr.astype(np.float64) > iou_thres]] = True
+    return np.asarray(keep, np.int64)
+
+
+def nms(cands: np.ndarray, conf_thres: float, iou_thres: float, max_det: int) -> np.ndarray:
+    """yolov5's non_max_suppression for one image (defaults of `yolov5 detect`): (n, 6) xyxy, conf, cls."""
+    x = cands[cands[:, 4] > conf_thres]  # confidence (candidates() usually did this on the device)
+    if not x.shape[0]:
+        return np.zeros((0, 6), np.float32)
+    x = x.copy()
+    x[:, 5:] *= x[:, 4:5]  # conf = obj_conf * cls_conf
+    box = xywh2xyxy(x[:, :4])
+    j = x[:, 5:].argmax(1)
+    conf = x[np.arange(len(x)), 5 + j][:, None]
+    x = np.concatenate((box, conf, j[:, None].astype(np.float32)), 1)[conf[:, 0] > conf_thres]
+    if not x.shape[0]:
+        return np.zeros((0, 6), np.float32)
+    x = x[np.argsort(-x[:, 4], kind="stable")[:MAX_NMS]]  # sort by confidence, remove excess boxes
+    c = x[:, 5:6] * np.float32(MAX_WH)  # classes
+    i = nms_boxes(x[:, :4] + c, x[:, 4], iou_thres)[:max_det]
+    return x[i]
+
+
+def scale_boxes(img1_shape: tuple[int, int], boxes: np.ndarray, img0_shape: tuple[int, int]) -> np.ndarray:
+    """yolov5's scale_boxes + clip_boxes: xyxy from the letterboxed shape back to the original image."""
+    gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])  # gain  = old / new
+    pad = (img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2  # wh padding
+    boxes[..., [0, 2]] -= np.float32(pad[0])
+    boxes[..., [1, 3]] -= np.float32(pad[1])
+    boxes[..., :4] /= np.float32(gain)
+    boxes[..., [0, 2]] = boxes[..., [0, 2]].clip(0, img0_shape[1])
+    boxes[..., [1, 3]] = boxes[..., [1, 3]].clip(0, img0_shape[0])
+    return boxes
+
+
+def label_text(det: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int]) -> tuple[str, list[int]]:
     """YOLO label lines for one image's detections exactly as `yolov5 detect --save-txt` writes them.
 
     Returns (text, class ids); text is '' when there are no detections.
     """
-    import torch
-    from yolov5.utils.general import scale_boxes, xyxy2xywh
-
     if not len(det):
         return "", []
-    det = det.detach().float().cpu().clone()
+    det = np.array(det, np.float32)
     h0, w0 = shape0
-    gn = torch.tensor((h0, w0, 3))[[1, 0, 1, 0]]  # as the CLI: torch.tensor(im0.shape)[[1, 0, 1, 0]]
-    det[:, :4] = scale_boxes(shape1, det[:, :4], (h0, w0, 3)).round()
-    det = det.flip(0)  # the CLI writes `reversed(det)`
+    gn = np.array((w0, h0, w0, h0), np.float32)  # normalization gain whwh
+    det[:, :4] = np.round(scale_boxes(shape1, det[:, :4], shape0))
+    det = det[::-1]  # the CLI writes `reversed(det)`
     xywh = (xyxy2xywh(det[:, :4]) / gn).tolist()
     classes = det[:, 5].tolist()
     lines = [("%g " * 5).rstrip() % (c, *box) for c, box in zip(classes, xywh, strict=True)]
@@ -144,7 +246,7 @@ class TorchBackend:
         self.providers = [str(self.device)]
 
     def infer(self, batch: np.ndarray) -> Any:
-        """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc) on the model's device."""
+        """uint8 (n, 3, H, W) -> predictions (n, anchors, 5 + nc) on the model's device (fp16 on CUDA)."""
         torch = self.torch
         try:
             if self.oom_above is not None and len(batch) > self.oom_above:
@@ -156,7 +258,7 @@ class TorchBackend:
                     im = im.pin_memory().to(self.device, non_blocking=True)
                 im = im.half() if self.half else im.float()
                 im /= 255
-                return self.module(im)[0].float()
+                return self.module(im)[0]
         except torch.cuda.OutOfMemoryError as exc:
             if self.cuda:
                 torch.cuda.empty_cache()
@@ -211,10 +313,8 @@ class OnnxBackend:
     def nc(self) -> int:
         return len(self.names)
 
-    def infer(self, batch: np.ndarray) -> Any:
-        """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc) as a CPU torch tensor."""
-        import torch
-
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc)."""
         if self.oom_above is not None and len(batch) > self.oom_above:
             raise BatchTooLarge(f"out of memory ({OOM_ABOVE_ENV}={self.oom_above}, batch of {len(batch)})")
         im = batch.astype(np.float32)
@@ -226,7 +326,7 @@ class OnnxBackend:
             if "allocate" in text.lower() or "out of memory" in text.lower():
                 raise BatchTooLarge(text.splitlines()[0]) from None
             raise
-        return torch.from_numpy(out)
+        return out
 
 
 def _parse_names(value: str | None) -> dict[int, str] | None:

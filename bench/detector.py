@@ -1,0 +1,269 @@
+"""Detector speed: `yolov5 detect` (the seed's way) vs `answersheet detect` per backend, same images/weights.
+
+One command:
+
+    .venv/bin/python bench/detector.py --images 200            # + --rss-sizes 100 2000 (default)
+
+What it does, all in one run:
+1. N road-size 1920x1080 JPEGs composed from real photos ($ANSWERSHEET_SAMPLE_DIR, else the photos that
+   ship inside the installed yolov5 package), packed into a day of camera archives (side1/side2) on a
+   local S3 server (moto, 127.0.0.1) and ingested with the real ingest stage (not timed).
+2. (a) `yolov5 detect --weights W --source DIR --save-txt --conf-thres 0.25 --iou-thres 0.45 --imgsz 640`
+   on the same JPEGs as local files (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, absolute weights path); also
+   with `--nosave` (no annotated images), the fairer baseline.
+   (b) `answersheet detect --force --backend B` end to end through S3 for B in torch, onnx (exported
+   beforehand with `answersheet export-onnx` into S3 and configured), auto (on CPU: ONNX derived from the
+   weights at start-up, counted in the time).
+   Every run is a separate process: wall time (start-up, model load, S3 GETs/PUTs included), peak RSS
+   (os.wait4), and label agreement with (a): the share of boxes matched one-to-one (same class, IoU > 0.9)
+   and the share of byte-identical label files.
+3. Model-only throughput on synthetic tensors (1x3x384x640 and 4x3x384x640): torch and ONNX Runtime.
+4. Peak RSS of our fastest backend at --rss-sizes images (memory must stay flat in the image count).
+
+Results: a table on stdout and bench/out/detector.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+BIN = Path(sys.executable).parent
+ROAD = "daewang_pangyo"
+DAY = dt.date(2026, 11, 2)
+SIZE = (1920, 1080)
+CONF, IOU, IMGSZ = 0.25, 0.45, 640
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_measured(cmd: list[str], env: dict, logfile: Path, cwd: Path | None = None) -> dict:
+    """Run a command in its own process; wall seconds and peak RSS (MiB) from os.wait4."""
+    with open(logfile, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])}... failed ({proc.returncode}); see {logfile}:\n"
+                         + logfile.read_text(errors="replace")[-3000:])
+    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def roads_file(path: Path, bucket: str, detect: dict) -> Path:
+    from answersheet.config import deep_merge
+
+    doc = yaml.safe_load((REPO / "dags" / "roads.yaml").read_text(encoding="utf-8"))
+    doc["roads"][0] = deep_merge(doc["roads"][0], {"bucket": bucket, "cameras": ["side1", "side2"],
+                                                   "detect": detect})
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def make_day(store, n_images: int, photos: list[Path], image_dir: Path | None) -> None:
+    """n road-size JPEGs as a day of side1/side2 archives in S3, ingested; optionally also as local files."""
+    from answersheet.sample_day import build_day_archives, upload_day
+
+    archives = build_day_archives(ROAD, DAY, ("side1", "side2"), (n_images + 1) // 2, photos, size=SIZE)
+    upload_day(store, ROAD, DAY, archives)
+    if image_dir is not None:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for data in archives.values():
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for info in zf.infolist():
+                    (image_dir / Path(info.filename).name).write_bytes(zf.read(info))
+
+
+def ingest(store, roads: Path) -> None:
+    from answersheet.config import load_road
+    from answersheet.day import RoadDay
+    from answersheet.ingest import ingest_day
+
+    ingest_day(RoadDay(road=load_road(roads, ROAD), day=DAY, store=store))
+
+
+def s3_labels(store) -> dict[str, str]:
+    from answersheet.layout import DayLayout
+
+    prefix = DayLayout(ROAD, DAY).detect_labels
+    return {o.key[len(prefix) : -4]: store.get(o.key).decode() for o in store.list(prefix)}
+
+
+def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
+    """Images/s of the model alone on synthetic letterboxed tensors (no decode, no NMS)."""
+    import numpy as np
+    import torch
+
+    from answersheet.inference import OnnxBackend, TorchBackend
+    from answersheet.model import load_checkpoint
+
+    backends = {"torch": TorchBackend(load_checkpoint(weights), "cpu"), "onnx": OnnxBackend(onnx_path, "cpu")}
+    rng = np.random.default_rng(0)
+    result = {}
+    for name, backend in backends.items():
+        for bs in (1, 4):
+            batch = rng.integers(0, 255, (bs, 3, 384, 640), dtype=np.uint8)
+            backend.infer(batch)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                backend.infer(batch)
+                n += bs
+            result[f"{name} batch {bs}"] = round(n / (time.perf_counter() - t0), 1)
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--weights", default=os.environ.get("ANSWERSHEET_WEIGHTS")
+                    or str(REPO.parent / "shared" / "models" / "yolov5n.pt"))
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnx", "auto"])
+    ap.add_argument("--rss-sizes", type=int, nargs="*", default=[100, 2000])
+    ap.add_argument("--rss-backend", default="onnx")
+    ap.add_argument("--no-nosave", action="store_true", help="skip the `yolov5 detect --nosave` baseline")
+    args = ap.parse_args()
+
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from answersheet.label_agreement import agreement
+    from answersheet.sample_day import sample_photos
+    from answersheet.storage import Store
+
+    weights = Path(args.weights).resolve()
+    if not weights.is_file():
+        raise SystemExit(f"{weights}: no weights (pass --weights or set ANSWERSHEET_WEIGHTS)")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    photos = sample_photos()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "PYTHONWARNINGS": "ignore"}
+    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_DEFAULT_REGION")})
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "images": args.images, "image_size": list(SIZE), "photos": [p.name for p in photos],
+        "weights": str(weights), "weights_sha256": sha, "conf_thres": CONF, "iou_thres": IOU, "imgsz": IMGSZ,
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-detector-") as tmp_name:
+            tmp = Path(tmp_name)
+            store = Store("bench-detector")
+            store.client.create_bucket(Bucket=store.bucket)
+            store.put("models/yolov5n.pt", weights.read_bytes())
+            weights_uri = f"s3://{store.bucket}/models/yolov5n.pt"
+            detect = {"weights": weights_uri, "sha256": sha, "conf_thres": CONF, "iou_thres": IOU, "imgsz": IMGSZ}
+            roads = roads_file(tmp / "roads.yaml", store.bucket, detect)
+            log(f"composing {args.images} {SIZE[0]}x{SIZE[1]} JPEGs from {len(photos)} photo(s) and ingesting them")
+            make_day(store, args.images, photos, tmp / "images")
+            ingest(store, roads)
+
+            runs: dict[str, dict] = {}
+            cli_env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+            for name, extra in (("yolov5 detect", []), ("yolov5 detect --nosave", ["--nosave"])):
+                if extra and args.no_nosave:
+                    continue
+                log(f"(a) {name}")
+                project = tmp / f"runs-{len(runs)}"
+                cmd = [str(BIN / "yolov5"), "detect", "--weights", str(weights), "--source", str(tmp / "images"),
+                       "--save-txt", "--conf-thres", str(CONF), "--iou-thres", str(IOU), "--imgsz", str(IMGSZ),
+                       "--project", str(project), "--name", "exp", *extra]
+                runs[name] = run_measured(cmd, cli_env, tmp / f"cli-{len(runs)}.log", cwd=tmp)
+                runs[name]["labels"] = {p.stem: p.read_text() for p in (project / "exp" / "labels").glob("*.txt")}
+            reference = runs["yolov5 detect"]["labels"]
+
+            log("export-onnx (one-time, not timed in the detect runs)")
+            out = subprocess.run([str(BIN / "answersheet"), "export-onnx", "--weights", weights_uri, "--sha256", sha],
+                                 env=env, check=True, capture_output=True, text=True)
+            exported = json.loads(out.stdout)
+            onnx_roads = roads_file(tmp / "roads-onnx.yaml", store.bucket,
+                                    {**detect, "onnx": exported["onnx"], "onnx_sha256": exported["onnx_sha256"]})
+            for backend in args.backends:
+                log(f"(b) answersheet detect --backend {backend}")
+                cfg = onnx_roads if backend == "onnx" else roads
+                cmd = [str(BIN / "answersheet"), "detect", "--road", ROAD, "--date", DAY.isoformat(),
+                       "--config", str(cfg), "--backend", backend, "--force"]
+                name = f"answersheet detect --backend {backend}"
+                runs[name] = run_measured(cmd, env, tmp / f"ours-{backend}.log")
+                runs[name]["labels"] = s3_labels(store)
+                manifest = store.get_json(f"work/{ROAD}/{DAY:%Y%m%d}/detect/manifest-000-of-001.json")
+                runs[name]["engine"] = {k: manifest["model"].get(k) for k in ("backend", "device", "providers",
+                                                                               "batch_size")}
+
+            cli_ips = args.images / runs["yolov5 detect"]["seconds"]
+            for r in runs.values():
+                agree = agreement(reference, r.pop("labels"))
+                r["images_per_s"] = round(args.images / r["seconds"], 2)
+                r["speedup_vs_cli"] = round(r["images_per_s"] / cli_ips, 2)
+                r["boxes"] = agree.other_boxes
+                r["boxes_matched_share"] = round(agree.matched_share, 4)
+                r["identical_label_files_share"] = round(agree.identical_files / max(agree.files, 1), 4)
+            report["end_to_end"] = runs
+
+            log("model-only throughput (synthetic tensors)")
+            local_onnx = tmp / "model.onnx"
+            local_onnx.write_bytes(Store(store.bucket).get(exported["onnx"].split("/", 3)[3]))
+            report["model_only_images_per_s"] = model_only(weights, local_onnx)
+
+            rss = {}
+            for n in args.rss_sizes:
+                log(f"peak RSS at {n} images (--backend {args.rss_backend})")
+                day_store = Store(f"bench-rss-{n}")
+                day_store.client.create_bucket(Bucket=day_store.bucket)
+                day_store.put("models/yolov5n.pt", weights.read_bytes())
+                cfg = roads_file(tmp / f"roads-rss-{n}.yaml", day_store.bucket,
+                                 {**detect, "weights": f"s3://{day_store.bucket}/models/yolov5n.pt",
+                                  "onnx": exported["onnx"], "onnx_sha256": exported["onnx_sha256"]})
+                make_day(day_store, n, photos, None)
+                ingest(day_store, cfg)
+                cmd = [str(BIN / "answersheet"), "detect", "--road", ROAD, "--date", DAY.isoformat(),
+                       "--config", str(cfg), "--backend", args.rss_backend, "--force"]
+                rss[n] = run_measured(cmd, env, tmp / f"rss-{n}.log")
+                rss[n]["images_per_s"] = round(n / rss[n]["seconds"], 2)
+            if len(rss) >= 2:
+                lo, hi = min(rss), max(rss)
+                rss["rss_growth"] = round(rss[hi]["peak_rss_mib"] / rss[lo]["peak_rss_mib"] - 1, 4)
+            report["rss_by_images"] = rss
+    finally:
+        server.stop()
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "detector.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{args.images} images {SIZE[0]}x{SIZE[1]}, {weights.name}, CPU x{os.cpu_count()}\n")
+    print("| run | s | img/s | vs CLI | peak RSS MiB | boxes matched | identical files |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in report["end_to_end"].items():
+        print(f"| `{name}` | {r['seconds']} | {r['images_per_s']} | {r['speedup_vs_cli']}x | {r['peak_rss_mib']} "
+              f"| {r['boxes_matched_share']:.2%} | {r['identical_label_files_share']:.2%} |")
+    print("\nmodel only (img/s):", json.dumps(report["model_only_images_per_s"]))
+    print("peak RSS by image count:", json.dumps(report["rss_by_images"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

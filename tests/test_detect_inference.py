@@ -1,0 +1,116 @@
+"""The numpy/OpenCV ports of yolov5's pre- and postprocessing (answersheet.inference) against yolov5's own
+functions: letterbox, check_img_size, non_max_suppression, scale_boxes and the CLI's label formatting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROAD_SAMPLES, SHARED
+from yolov5.utils.augmentations import letterbox as yolo_letterbox
+from yolov5.utils.general import check_img_size, non_max_suppression, scale_boxes, xyxy2xywh
+
+from answersheet import inference
+from answersheet.model import load_checkpoint
+from answersheet.sample_day import sample_photos
+
+
+def cli_label_text(det: torch.Tensor, im_shape: tuple[int, int], im0_shape: tuple[int, int, int]) -> str:
+    """The label lines exactly as yolov5 7.0's detect.py computes and writes them (--save-txt)."""
+    out = ""
+    gn = torch.tensor(im0_shape)[[1, 0, 1, 0]]
+    if len(det):
+        det[:, :4] = scale_boxes(im_shape, det[:, :4], im0_shape).round()
+        for *xyxy, _conf, cls in reversed(det):
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+            line = (cls, *xywh)
+            out += ("%g " * len(line)).rstrip() % line + "\n"
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos() -> list:
+    found = sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
+    bus = SHARED / "samples" / "bus.jpg"
+    return found + ([bus] if bus.is_file() else [])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_weights):
+    return inference.TorchBackend(load_checkpoint(tiny_weights[0]), "cpu")
+
+
+@pytest.mark.parametrize("imgsz,stride", [(640, 32), (320, 32), (1280, 64)])
+def test_letterbox_equals_yolov5(photos, imgsz, stride):
+    shapes = set()
+    for photo in photos:
+        bgr = inference.decode_bgr(photo.read_bytes())
+        ours = inference.letterbox_chw(bgr, imgsz, stride)
+        ref = yolo_letterbox(bgr, (imgsz, imgsz), stride=stride, auto=True)[0].transpose((2, 0, 1))[::-1]
+        assert ours.flags.c_contiguous and ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, ref)
+        shapes.add(ours.shape)
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (17, 33), (2000, 300), (300, 2000), (640, 640), (641, 639)):
+        bgr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        ref = yolo_letterbox(bgr, (imgsz, imgsz), stride=stride, auto=True)[0].transpose((2, 0, 1))[::-1]
+        np.testing.assert_array_equal(inference.letterbox_chw(bgr, imgsz, stride), ref)
+
+
+@pytest.mark.parametrize("imgsz", [32, 320, 333, 640, 650, 1280])
+def test_check_imgsz_equals_yolov5(imgsz):
+    for stride in (32, 64):
+        assert inference.check_imgsz(imgsz, stride) == check_img_size(imgsz, s=stride)
+
+
+def assert_post_equal(pred: torch.Tensor, shape1, shape0, conf=0.25, iou=0.45, max_det=1000):
+    ref = non_max_suppression(pred.clone(), conf, iou, max_det=max_det)
+    for i, cands in enumerate(inference.candidates(pred, conf)):
+        det = inference.nms(cands, conf, iou, max_det)
+        np.testing.assert_array_equal(det, ref[i].numpy())
+        text, classes = inference.label_text(det, shape1, shape0)
+        assert text == cli_label_text(ref[i].clone(), shape1, (*shape0, 3))
+        assert classes == [int(c) for c in ref[i][:, 5].flip(0).tolist()]
+
+
+def test_postprocessing_equals_yolov5_on_model_outputs(photos, tiny_model):
+    checked = 0
+    for photo in photos:
+        p = inference.prepare(photo.name, photo.read_bytes(), 320, 32)
+        pred = tiny_model.infer(p.chw[None])
+        for conf, max_det in ((0.25, 300), (0.5, 5)):
+            assert_post_equal(pred, p.shape1, p.shape0, conf=conf, max_det=max_det)
+        checked += int((pred[0, :, 4] > 0.25).sum())
+    assert checked > 1000, "the tiny model must give NMS real work"
+
+
+def test_postprocessing_equals_yolov5_on_random_crowded_predictions():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        n, nc = int(rng.integers(1, 3000)), int(rng.choice([1, 3, 80]))
+        xywh = np.concatenate([rng.uniform(0, 640, (n, 2)), rng.uniform(1, 200, (n, 2))], 1)
+        if trial % 2:  # crowded: many boxes around a few centres
+            xywh[:, :2] = rng.uniform(100, 110, (n, 2))
+        scores = rng.uniform(0, 1, (n, 1 + nc))
+        pred = torch.from_numpy(np.concatenate([xywh, scores], 1).astype(np.float32))[None]
+        assert_post_equal(pred, (384, 640), (1080, 1920), max_det=int(rng.choice([3, 300, 1000])))
+
+
+def test_postprocessing_of_an_image_without_boxes():
+    pred = torch.zeros((1, 100, 85))
+    det = inference.nms(inference.candidates(pred, 0.25)[0], 0.25, 0.45, 1000)
+    assert det.shape == (0, 6)
+    assert inference.label_text(det, (384, 640), (1080, 1920)) == ("", [])
+
+
+def test_decode_reads_like_yolov5_and_rejects_broken_jpegs(photos):
+    import cv2
+
+    data = photos[0].read_bytes()
+    np.testing.assert_array_equal(inference.decode_bgr(data), cv2.imread(str(photos[0])))
+    with pytest.raises(inference.BadImage, match="truncated JPEG"):
+        inference.decode_bgr(data[: len(data) // 2])
+    with pytest.raises(inference.BadImage, match="not a JPEG \\(PNG data\\)"):
+        inference.decode_bgr(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(inference.BadImage, match="corrupt JPEG"):
+        inference.decode_bgr(data[:200] + b"\x00" * 200 + b"\xff\xd9")
