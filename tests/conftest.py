@@ -61,12 +61,41 @@ def write_roads_file(path: Path, bucket: str, **road_overrides) -> Path:
     return path
 
 
-@pytest.fixture
-def photos():
-    """Real photos: the shared road samples when present, else those shipped in yolov5."""
+MIN_PHOTOS = 8
+
+
+def real_photos() -> list[Path]:
+    """At least MIN_PHOTOS distinct real photos: the shared road samples when present; else the two shipped in
+    yolov5, plus mirrored/cropped variants of them (written once to a temp dir) so tests get distinct images."""
+    import tempfile
+
+    from PIL import Image, ImageOps
+
     from answersheet.sample_day import sample_photos
 
-    return sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
+    photos = sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
+    if len(photos) >= MIN_PHOTOS:
+        return photos
+    out = Path(tempfile.mkdtemp(prefix="answersheet-photos-"))
+    variants = []
+    for i in range(MIN_PHOTOS - len(photos)):
+        src = photos[i % len(photos)]
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            k = i // len(photos)
+            im = ImageOps.mirror(im) if k % 2 == 0 else im
+            im = im.crop((k * w // 16, k * h // 16, w - k * w // 16, h - k * h // 16))
+            path = out / f"variant{i}_{src.name}"
+            im.save(path, "JPEG", quality=90)
+            variants.append(path)
+    return photos + variants
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos (see real_photos)."""
+    return real_photos()
 
 
 @pytest.fixture(scope="session")

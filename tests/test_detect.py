@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DAY, REAL_WEIGHTS, ROAD, ROAD_SAMPLES, SHARED, write_roads_file
+from conftest import DAY, REAL_WEIGHTS, ROAD, SHARED, real_photos, write_roads_file
 
 from answersheet.cli import main
 from answersheet.config import load_road
@@ -25,7 +25,7 @@ from answersheet.errors import AnswersheetError
 from answersheet.ingest import ingest_day
 from answersheet.label_agreement import agreement
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, sample_photos, upload_day
+from answersheet.sample_day import build_day_archives, upload_day
 from answersheet.storage import Store
 
 CAMERAS = ("side1", "side2")
@@ -37,8 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def day_photos() -> list[Path]:
-    photos = sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
-    return ([BUS] if BUS.is_file() else []) + photos
+    return ([BUS] if BUS.is_file() else []) + real_photos()
 
 
 def make_day(store: Store, tmp_path: Path, weights: str, sha: str, n_sets: int = N_SETS, **detect) -> Path:
