@@ -33,9 +33,16 @@ demo: install ## run one road-day end to end on a local S3 (moto) and write ./de
 test: install ## run the test suite (real S3 server, real Airflow, real yolov5)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-.PHONY: bench
+.PHONY: bench bench-detector
 bench: install ## run the benchmarks (figures in BENCHMARKS.md)
 	$(PY) bench/dag_parse.py
+	$(MAKE) --no-print-directory bench-detector
+
+# Road photos for the detector benchmark: the shared samples when present, else yolov5's bundled ones.
+BENCH_IMAGES ?= 200
+BENCH_SAMPLES ?= $(if $(wildcard $(SHARED)/samples/road/*.jpg),$(abspath $(SHARED)/samples/road),)
+bench-detector: install ## detector: `yolov5 detect` vs `answersheet detect` per backend (BENCH_IMAGES=200)
+	ANSWERSHEET_SAMPLE_DIR=$(BENCH_SAMPLES) $(PY) bench/detector.py --images $(BENCH_IMAGES)
 
 # ---------------------------------------------------------------------------------------------
 # Ship it: tools, lint, chart rendering, images, deploy and cluster helpers (see README "Deploy to a cluster").

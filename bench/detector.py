@@ -54,18 +54,32 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+GNU_TIME = Path("/usr/bin/time")
+
+
 def run_measured(cmd: list[str], env: dict, logfile: Path, cwd: Path | None = None) -> dict:
-    """Run a command in its own process; wall seconds and peak RSS (MiB) from os.wait4."""
+    """Run a command in its own process: wall seconds, CPU seconds and peak RSS (MiB).
+
+    Peak RSS comes from GNU time when installed (it forks from a tiny process); os.wait4's ru_maxrss
+    would also count this (large) benchmark process's pages copied at fork.
+    """
+    timing = logfile.with_suffix(".time")
+    full = [str(GNU_TIME), "-o", str(timing), "-f", "%e %U %S %M", *cmd] if GNU_TIME.exists() else cmd
     with open(logfile, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(full, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])}... failed ({proc.returncode}); see {logfile}:\n"
                          + logfile.read_text(errors="replace")[-3000:])
-    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if GNU_TIME.exists():
+        _, user, system, max_kb = timing.read_text().split()[-4:]
+        cpu, rss_kb = float(user) + float(system), int(max_kb)
+    else:
+        cpu, rss_kb = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mib": round(rss_kb / 1024, 1)}
 
 
 def roads_file(path: Path, bucket: str, detect: dict) -> Path:
@@ -108,25 +122,40 @@ def s3_labels(store) -> dict[str, str]:
 
 
 def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
-    """Images/s of the model alone on synthetic letterboxed tensors (no decode, no NMS)."""
+    """Images/s of the model alone on synthetic letterboxed tensors (no decode, no NMS, no S3)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import torch
 
     from answersheet.inference import OnnxBackend, TorchBackend
     from answersheet.model import load_checkpoint
 
-    backends = {"torch": TorchBackend(load_checkpoint(weights), "cpu"), "onnx": OnnxBackend(onnx_path, "cpu")}
+    cpus = len(os.sched_getaffinity(0))
+    setups = {  # name: (backend, concurrent streams)
+        "torch": (TorchBackend(load_checkpoint(weights), "cpu"), 1),
+        "onnx": (OnnxBackend(onnx_path, "cpu"), 1),
+        f"onnx 1 thread x {cpus} streams (what detect uses)": (OnnxBackend(onnx_path, "cpu", threads=1), cpus),
+    }
     rng = np.random.default_rng(0)
     result = {}
-    for name, backend in backends.items():
+    for name, (backend, streams) in setups.items():
         for bs in (1, 4):
             batch = rng.integers(0, 255, (bs, 3, 384, 640), dtype=np.uint8)
-            backend.infer(batch)
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
+            for _ in range(3):  # warm-up (oneDNN builds its kernels on the first calls)
                 backend.infer(batch)
-                n += bs
-            result[f"{name} batch {bs}"] = round(n / (time.perf_counter() - t0), 1)
+            done, t0 = 0, time.perf_counter()
+
+            def work(_backend=backend, _batch=batch, _t0=t0) -> int:
+                n = 0
+                while time.perf_counter() - _t0 < seconds:
+                    _backend.infer(_batch)
+                    n += len(_batch)
+                return n
+
+            with ThreadPoolExecutor(streams) as pool:
+                done = sum(pool.map(lambda _: work(), range(streams)))
+            result[f"{name}, batch {bs}"] = round(done / (time.perf_counter() - t0), 1)
     result["torch_threads"] = torch.get_num_threads()
     return result
 
@@ -224,11 +253,6 @@ def main() -> int:
                 r["identical_label_files_share"] = round(agree.identical_files / max(agree.files, 1), 4)
             report["end_to_end"] = runs
 
-            log("model-only throughput (synthetic tensors)")
-            local_onnx = tmp / "model.onnx"
-            local_onnx.write_bytes(Store(store.bucket).get(exported["onnx"].split("/", 3)[3]))
-            report["model_only_images_per_s"] = model_only(weights, local_onnx)
-
             rss = {}
             for n in args.rss_sizes:
                 log(f"peak RSS at {n} images (--backend {args.rss_backend})")
@@ -248,6 +272,11 @@ def main() -> int:
                 lo, hi = min(rss), max(rss)
                 rss["rss_growth"] = round(rss[hi]["peak_rss_mib"] / rss[lo]["peak_rss_mib"] - 1, 4)
             report["rss_by_images"] = rss
+
+            log("model-only throughput (synthetic tensors)")
+            local_onnx = tmp / "model.onnx"
+            local_onnx.write_bytes(Store(store.bucket).get(exported["onnx"].split("/", 3)[3]))
+            report["model_only_images_per_s"] = model_only(weights, local_onnx)
     finally:
         server.stop()
     report["machine"]["load_average_at_end"] = os.getloadavg()
@@ -255,10 +284,11 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "detector.json").write_text(json.dumps(report, indent=2))
     print(f"\n{args.images} images {SIZE[0]}x{SIZE[1]}, {weights.name}, CPU x{os.cpu_count()}\n")
-    print("| run | s | img/s | vs CLI | peak RSS MiB | boxes matched | identical files |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | wall s | CPU s | img/s | vs CLI | peak RSS MiB | boxes matched | identical files |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in report["end_to_end"].items():
-        print(f"| `{name}` | {r['seconds']} | {r['images_per_s']} | {r['speedup_vs_cli']}x | {r['peak_rss_mib']} "
+        print(f"| `{name}` | {r['seconds']} | {r['cpu_seconds']} | {r['images_per_s']} | {r['speedup_vs_cli']}x "
+              f"| {r['peak_rss_mib']} "
               f"| {r['boxes_matched_share']:.2%} | {r['identical_label_files_share']:.2%} |")
     print("\nmodel only (img/s):", json.dumps(report["model_only_images_per_s"]))
     print("peak RSS by image count:", json.dumps(report["rss_by_images"]))

@@ -21,7 +21,6 @@ import os
 import tempfile
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +38,10 @@ from answersheet.storage import Store, sha256_bytes
 log = logging.getLogger(__name__)
 
 STAGE = "detect"
-# On CPU, batches beyond a few images only add cache misses (measured in bench/detector.py).
+# On CPU, batches beyond ~4 images only add cache misses (torch); for ONNX Runtime's one-stream-per-core
+# setup, batch 4 beat 2 and 1 end to end (7.1 s vs 7.6 s vs 8.1 s for 200 road images on 2 cores).
 CPU_MAX_BATCH = 4
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 READERS = int(os.environ.get("ANSWERSHEET_DETECT_READERS", "0")) or None
 WRITERS = 8
 
@@ -64,6 +65,7 @@ class Engine:
     stride: int
     names: dict[int, str]
     model: dict[str, Any]
+    streams: int = 1  # concurrent inference calls
 
 
 def gpu_visible() -> bool:
@@ -124,7 +126,7 @@ def load_engine(settings: DetectSettings, backend: str, device: str, scratch: st
     if backend == "torch":
         loaded = load_checkpoint(fetch_verified(settings.weights, settings.sha256, scratch, "detect.sha256"))
         engine = TorchBackend(loaded, device)
-        stride, names = loaded.stride, loaded.names
+        stride, names, streams = loaded.stride, loaded.names, 1
     else:
         if settings.onnx:
             onnx_path = fetch_verified(settings.onnx, settings.onnx_sha256, scratch, "detect.onnx_sha256")
@@ -137,11 +139,17 @@ def load_engine(settings: DetectSettings, backend: str, device: str, scratch: st
             digest = export_model(weights, onnx_path, imgsz=settings.imgsz, source_sha256=settings.sha256)
             log.info("no detect.onnx configured: exported the verified weights to ONNX (sha256 %s)", digest)
             model.update(onnx="derived from weights", onnx_sha256=digest)
-        engine = OnnxBackend(onnx_path, device)
+        # On CPU, one single-threaded ORT run per core beats one run over all cores (no intra-op sync,
+        # no spinning): measured 47 vs 32 img/s for yolov5n on 2 cores (bench/detector.py).
+        cpu = not device.startswith("cuda")
+        streams = min(CPUS, 8) if cpu else 1
+        engine = OnnxBackend(onnx_path, device, threads=1 if cpu else None)
         stride, names = engine.stride, engine.names
     model["device"] = device
     model["providers"] = list(engine.providers)
-    return Engine(backend=engine, name=backend, device=device, stride=stride, names=names, model=model)
+    model["streams"] = streams
+    return Engine(backend=engine, name=backend, device=device, stride=stride, names=names, model=model,
+                  streams=streams)
 
 
 def shard_images(ingest: dict, shard_index: int, shard_count: int) -> tuple[list[dict], list[dict]]:
@@ -179,21 +187,28 @@ class ShardRun:
             return Failure(image["name"], image["key"], str(exc))
 
     # -- inference --------------------------------------------------------------------------------
-    def infer(self, batch: list[Prepared]) -> Iterator[tuple[list[Prepared], Any]]:
-        """Run same-shape images in chunks of the current batch size; halve it on out-of-memory."""
-        i = 0
+    def infer(self, batch: list[Prepared]) -> list[tuple[list, list[np.ndarray]]]:
+        """Run same-shape images in chunks of the current batch size; halve it on out-of-memory.
+
+        Returns per chunk (image metadata, candidate rows): no pixels or raw predictions are kept.
+        """
+        out, i = [], 0
         while i < len(batch):
             chunk = batch[i : i + self.batch_size]
             try:
                 pred = self.engine.backend.infer(np.stack([p.chw for p in chunk]))
+                cands = candidates(pred, self.settings.conf_thres)
             except BatchTooLarge as exc:
                 if len(chunk) == 1:
                     raise AnswersheetError(f"detect: out of memory even for a single image ({exc})") from None
-                self.batch_size = max(1, len(chunk) // 2)
+                with self.lock:
+                    self.batch_size = min(self.batch_size, max(1, len(chunk) // 2))
                 log.warning("detect: %s — retrying with batches of %d", exc, self.batch_size)
                 continue
-            yield chunk, pred
+            del pred
+            out.append(([(p.name, p.shape0, p.shape1) for p in chunk], cands))
             i += len(chunk)
+        return out
 
     # -- writers ----------------------------------------------------------------------------------
     def finish(self, images: list[tuple[str, tuple[int, int], tuple[int, int]]], cands: list[np.ndarray]) -> None:
@@ -224,16 +239,20 @@ class ShardRun:
         self.progress.advance()
 
     # -- the pipeline -----------------------------------------------------------------------------
-    def run(self, images: list[dict], readers: int) -> None:
-        """Stream `images` through read -> batch -> infer -> write with bounded queues."""
+    def run(self, images: list[dict], readers: int, streams: int) -> None:
+        """Stream `images` through read -> batch -> infer -> write with bounded queues.
+
+        readers: threads that GET + decode + letterbox; streams: concurrent inference calls.
+        """
         read_ahead = max(2 * readers, 2 * self.batch_size)
         max_buffered = 2 * self.batch_size  # decoded images waiting for a full same-shape batch
-        writes: deque[Future] = deque()
         reads: deque[Future] = deque()
-        max_writes = 4 * WRITERS
+        inferring: deque[Future] = deque()
+        writes: deque[Future] = deque()
         source = iter(images)
 
         with ThreadPoolExecutor(readers, thread_name_prefix="detect-read") as read_pool, \
+                ThreadPoolExecutor(streams, thread_name_prefix="detect-infer") as infer_pool, \
                 ThreadPoolExecutor(WRITERS, thread_name_prefix="detect-write") as write_pool:
 
             def refill() -> None:
@@ -243,15 +262,16 @@ class ShardRun:
                         return
                     reads.append(read_pool.submit(self.read, image))
 
+            def drain(max_inferring: int) -> None:
+                while len(inferring) > max_inferring or (inferring and inferring[0].done()):
+                    for meta, cands in inferring.popleft().result():
+                        writes.append(write_pool.submit(self.finish, meta, cands))
+                while len(writes) > 4 * WRITERS or (writes and writes[0].done()):
+                    writes.popleft().result()
+
             def submit(batch: list[Prepared]) -> None:
-                for chunk, pred in self.infer(batch):
-                    # Only the candidate rows (and no pixels) wait for the writers: memory stays small.
-                    cands = candidates(pred, self.settings.conf_thres)
-                    del pred
-                    meta = [(p.name, p.shape0, p.shape1) for p in chunk]
-                    writes.append(write_pool.submit(self.finish, meta, cands))
-                    while len(writes) > max_writes or (writes and writes[0].done()):
-                        writes.popleft().result()
+                inferring.append(infer_pool.submit(self.infer, batch))
+                drain(streams)
 
             try:
                 buckets: dict[tuple[int, int], list[Prepared]] = {}
@@ -268,12 +288,14 @@ class ShardRun:
                         submit(buckets.pop(item.shape1))
                     elif sum(len(b) for b in buckets.values()) > max_buffered:
                         submit(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
+                    drain(streams)
                 for shape in list(buckets):
                     submit(buckets.pop(shape))
+                drain(0)
                 while writes:
                     writes.popleft().result()
             except BaseException:
-                for fut in (*reads, *writes):
+                for fut in (*reads, *inferring, *writes):
                     fut.cancel()
                 raise
 
@@ -330,8 +352,9 @@ def detect_day(
         progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
         run = ShardRun(store=store, engine=engine, settings=settings, labels_prefix=layout.detect_labels,
                        batch_size=batch_size, imgsz=imgsz, progress=progress)
-        readers = READERS or (min(16, 2 * (os.cpu_count() or 2)) if device.startswith("cuda") else 2)
-        run.run(mine, readers)
+        cuda = device.startswith("cuda")
+        readers = READERS or (min(16, 2 * CPUS) if cuda else 2)
+        run.run(mine, readers, streams=engine.streams)
         progress.finish()
 
     _delete_stale_labels(store, layout.detect_labels, run.outputs, {i["name"] for i in mine},
