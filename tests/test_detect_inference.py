@@ -114,3 +114,27 @@ def test_decode_reads_like_yolov5_and_rejects_broken_jpegs(photos):
         inference.decode_bgr(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
     with pytest.raises(inference.BadImage, match="corrupt JPEG"):
         inference.decode_bgr(data[:200] + b"\x00" * 200 + b"\xff\xd9")
+
+
+def test_fp16_inference_as_on_cuda_agrees_with_fp32(photos):
+    """The CUDA path runs the model in fp16; on CPU the same code path (half model, half input, candidates
+    compared in float32) must find the same objects as fp32."""
+    from conftest import REAL_WEIGHTS
+
+    from answersheet.label_agreement import agreement
+
+    if not REAL_WEIGHTS.is_file():
+        pytest.skip(f"real YOLOv5 weights not found at {REAL_WEIGHTS} (set ANSWERSHEET_WEIGHTS)")
+    fp32 = inference.TorchBackend(load_checkpoint(REAL_WEIGHTS), "cpu")
+    fp16 = inference.TorchBackend(load_checkpoint(REAL_WEIGHTS), "cpu", half=True)
+    texts: list[dict[str, str]] = [{}, {}]
+    for photo in photos[::5]:  # fp16 convolutions are slow on CPU: a fifth of the photos
+        p = inference.prepare(photo.name, photo.read_bytes(), 640, 32)
+        for out, backend in zip(texts, (fp32, fp16), strict=True):
+            pred = backend.infer(p.chw[None])
+            assert pred.dtype == (torch.float16 if backend is fp16 else torch.float32)
+            det = inference.nms(inference.candidates(pred, 0.25)[0], 0.25, 0.45, 1000)
+            out[photo.stem] = inference.label_text(det, p.shape1, p.shape0)[0]
+    agree = agreement(texts[0], texts[1])
+    assert agree.reference_boxes > 20
+    assert agree.matched_share >= 0.95, agree

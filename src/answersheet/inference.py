@@ -230,13 +230,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Any, device: str) -> None:
+    def __init__(self, model: Any, device: str, half: bool | None = None) -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.half = self.cuda
+        self.half = self.cuda if half is None else half  # half=True on CPU: the CUDA path's precision, testable
         self.module = model.module.to(self.device)
         if self.half:
             self.module.half()
