@@ -16,6 +16,7 @@ list; the other images of its batch are kept. Labels are byte-identical to `yolo
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import logging
 import os
@@ -58,6 +59,26 @@ def available_cpus() -> int:
 
 
 CPUS = available_cpus()
+TRIM_EVERY = 32  # images between malloc_trim calls
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc malloc_trim), so RSS stays flat over a long day.
+
+    Decoded road images are ~6 MB each; glibc serves them from per-thread arenas that otherwise keep
+    the freed pages resident (peak RSS +17 % from 100 to 1000 images without this).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 READERS = int(os.environ.get("ANSWERSHEET_DETECT_READERS", "0")) or None
 WRITERS = 8
 
@@ -294,6 +315,7 @@ class ShardRun:
 
             try:
                 buckets: dict[tuple[int, int], list[Prepared]] = {}
+                trimmed = 0
                 refill()
                 while reads:
                     item = reads.popleft().result()
@@ -301,6 +323,9 @@ class ShardRun:
                     if isinstance(item, Failure):
                         self.fail(item)
                         continue
+                    trimmed += 1
+                    if trimmed % TRIM_EVERY == 0:
+                        release_free_memory()
                     bucket = buckets.setdefault(item.shape1, [])
                     bucket.append(item)
                     if len(bucket) >= self.batch_size:
