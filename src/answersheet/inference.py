@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,11 +267,16 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """ONNX Runtime on an exported YOLOv5 (dynamic batch, height and width): same inputs as the CLI."""
+    """ONNX Runtime on an exported YOLOv5 (dynamic batch, height and width): same inputs as the CLI.
+
+    `sessions` > 1 opens that many sessions so as many `infer` calls run at once (one per CPU core,
+    each single-threaded): every session's memory arena then only ever holds one run, so memory is
+    fixed after the first batch instead of stepping up whenever concurrent runs happen to peak together.
+    """
 
     name = "onnx"
 
-    def __init__(self, path: str | os.PathLike, device: str, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, device: str, threads: int | None = None, sessions: int = 1) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -294,6 +300,10 @@ class OnnxBackend:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind exception types
             raise AnswersheetError(f"{self.path}: not a loadable ONNX model ({exc})") from None
+        self.sessions: queue.SimpleQueue = queue.SimpleQueue()
+        self.sessions.put(self.session)
+        for _ in range(sessions - 1):
+            self.sessions.put(ort.InferenceSession(str(self.path), opts, providers=providers))
         self.providers = self.session.get_providers()
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -319,13 +329,16 @@ class OnnxBackend:
             raise BatchTooLarge(f"out of memory ({OOM_ABOVE_ENV}={self.oom_above}, batch of {len(batch)})")
         im = batch.astype(np.float32)
         im /= 255
+        session = self.sessions.get()
         try:
-            out = self.session.run([self.output_name], {self.input_name: im})[0]
+            out = session.run([self.output_name], {self.input_name: im})[0]
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
             if "allocate" in text.lower() or "out of memory" in text.lower():
                 raise BatchTooLarge(text.splitlines()[0]) from None
             raise
+        finally:
+            self.sessions.put(session)
         return out
 
 
