@@ -141,7 +141,8 @@ def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
     setups = {  # name: (backend, concurrent streams)
         "torch": (TorchBackend(load_checkpoint(weights), "cpu"), 1),
         "onnx": (OnnxBackend(onnx_path, "cpu"), 1),
-        f"onnx 1 thread x {cpus} streams (what detect uses)": (OnnxBackend(onnx_path, "cpu", threads=1), cpus),
+        f"onnx 1 thread x {cpus} streams (what detect uses)": (
+            OnnxBackend(onnx_path, "cpu", threads=1, sessions=cpus), cpus),
     }
     rng = np.random.default_rng(0)
     result = {}
