@@ -251,6 +251,24 @@ def test_onnx_export_round_trip_agrees_with_torch(tiny_day, tiny_copy, capsys):
     assert f"{onnx_uri}: sha256 mismatch" in err and digest in err and "0" * 64 in err
 
 
+def test_export_onnx_to_a_local_file_writes_the_sha256_beside_it(tiny_weights, tmp_path, capsys):
+    path, sha = tiny_weights
+    out = tmp_path / "models" / "tiny.onnx"
+    assert main(["export-onnx", "--weights", str(path), "--out", str(out), "--sha256", sha]) == 0
+    result = json.loads(capsys.readouterr().out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert result["onnx_sha256"] == digest and result["weights_sha256"] == sha
+    assert (tmp_path / "models" / "tiny.onnx.sha256").read_text() == f"{digest}  tiny.onnx\n"
+    from answersheet.inference import OnnxBackend
+
+    backend = OnnxBackend(out, "cpu")
+    assert (backend.stride, len(backend.names), backend.names[0]) == (32, 80, "person")
+    # Wrong weights digest: refused before anything is written.
+    assert main(["export-onnx", "--weights", str(path), "--out", str(tmp_path / "x.onnx"), "--sha256", "b" * 64]) == 1
+    assert f"{path}: sha256 mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_auto_backend_on_cpu_derives_onnx_from_the_weights(tiny_day, tiny_copy):
     store, roads = tiny_copy
     assert detect_cli(roads, "--backend", "auto") == 0
