@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 
 install: $(VENV)/.installed ## create .venv with the package, torch/yolov5, Airflow and test tools
 
-demo: install ## run one road-day end to end on a local S3 (moto) and write ./demo-output/
+demo: install ## run one road-day end to end on a local real S3 server (SeaweedFS) and write ./demo-output/
 	$(PY) -m answersheet.demo --out demo-output
 
 test: install ## run the test suite (real S3 server, real Airflow, real yolov5)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real HTTP S3 endpoint (moto's server on 127.0.0.1), buckets, roads files."""
+"""Shared fixtures: a real S3 server (SeaweedFS on 127.0.0.1, auth on), a fault proxy, buckets, roads files."""
 
 from __future__ import annotations
 
@@ -19,26 +19,41 @@ DAY = dt.date(2026, 11, 2)
 ROAD = "daewang_pangyo"
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 for the whole session; env set as boto3 reads it."""
-    from moto.server import ThreadedMotoServer
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    yield url
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS, auth on) on 127.0.0.1 for the whole session; its admin identity's
+    environment is set as boto3 reads it (subprocesses inherit it). Identities: `admin`, `reader` (read/list)."""
+    from answersheet.dev.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(server.env())
+    yield server
     server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    """The S3 endpoint URL (env set for the admin identity)."""
+    return s3_server.endpoint
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A fault-injecting proxy (tests/faultproxy.py) in front of the real server. AWS_ENDPOINT_URL stays on the
+    server: point the code under test at `fault_proxy.url` (env of a subprocess, or Store(client=...))."""
+    from faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        yield proxy
 
 
 @pytest.fixture

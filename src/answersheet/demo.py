@@ -1,6 +1,6 @@
 """`make demo`: one road-day end to end on a local S3 endpoint, result copied to ./demo-output/.
 
-Starts moto's S3 server on 127.0.0.1 (stopped afterwards), writes a sample day composed from real
+Starts a real S3 server (SeaweedFS) on 127.0.0.1 (stopped afterwards), writes a sample day composed from real
 photos (one short set), runs the real DAG in local mode (`airflow dags test`, or `--runner cli` for
 `answersheet run`), downloads `answersheet/<road>/<YYYYMMDD>/` and prints a summary.
 """
@@ -38,20 +38,23 @@ DOWNLOAD_TIMEOUT_S = 45
 
 
 @contextmanager
-def local_s3():
-    """moto's S3 server on 127.0.0.1 with throwaway credentials in the environment; stopped on exit."""
-    from moto.server import ThreadedMotoServer
+def local_s3(data_dir: Path):
+    """A real S3 server (SeaweedFS, `answersheet.dev.s3server`) on 127.0.0.1 with fresh credentials in the
+    environment; killed by PID on exit."""
+    from answersheet.dev.s3server import S3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per S3 request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="demo",
-                      AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
-    try:
-        yield os.environ["AWS_ENDPOINT_URL"]
-    finally:
-        server.stop()
+    with S3Server(data_dir) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        log.info("local S3 (SeaweedFS) on %s, pid %d", server.endpoint, server.pid)
+        try:
+            yield server.endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def demo_weights(workdir: Path) -> tuple[Path, bool]:
@@ -133,7 +136,7 @@ def summary_lines(sheet: dict, classes: tuple[str, ...], out_dir: Path, real_wei
 
 def run_demo(out: Path, road_id: str, day: dt.date, runner: str, roads_src: Path, n_sets: int) -> list[str]:
     """Everything `make demo` does; returns the summary lines."""
-    with tempfile.TemporaryDirectory(prefix="answersheet-demo-") as tmp, local_s3():
+    with tempfile.TemporaryDirectory(prefix="answersheet-demo-") as tmp, local_s3(Path(tmp) / "s3"):
         work = Path(tmp)
         store = Store("answersheet")
         store.client.create_bucket(Bucket=store.bucket)
