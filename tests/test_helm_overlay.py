@@ -1,12 +1,17 @@
 """helm/values-airflow.yaml: valid for the official Airflow chart 1.22 (its values.schema.json from
-../shared/airflow-chart), known top-level keys only, and wired to the objects helm/answersheet creates."""
+../shared/airflow-chart), known top-level keys only, wired to the objects helm/answersheet creates, and
+deploying the Airflow `make test` runs: our image's Airflow version and providers equal the venv's.
+(tests/test_helm_airflow.py renders it with the chart itself.)"""
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import os
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -166,11 +171,41 @@ def test_s3_connection_and_credentials_come_from_our_secrets(overlay, chart):
         assert literal not in text
 
 
-def test_service_accounts_match_the_pod_launcher_binding(overlay, chart):
-    """The worker pods' and triggerer's ServiceAccounts are the subjects of answersheet-pod-launcher."""
-    named = [overlay["workers"]["kubernetes"]["serviceAccount"], overlay["triggerer"]["serviceAccount"]]
-    assert all(sa["create"] is True for sa in named)
-    assert [sa["name"] for sa in named] == chart["airflowRbac"]["serviceAccounts"]
+def test_api_keys_come_from_our_secret(overlay, chart):
+    secret = chart["airflowApiSecret"]
+    assert secret["enabled"] is True
+    assert overlay["apiSecretKeySecretName"] == overlay["jwtSecretName"] == secret["secretName"]
+    assert overlay["createUserJob"]["enabled"] is False  # no admin/admin
+    assert overlay["triggerer"]["persistence"]["enabled"] is False  # logs are remote: no 100 Gi claim
+
+
+def pins(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", path.read_text(encoding="utf-8"), re.M))
+
+
+def test_overlay_deploys_the_airflow_make_test_runs(overlay):
+    """One Airflow version: the overlay's airflowVersion, our image's base and providers are what this venv
+    (`make install` from requirements/constraints.txt) has installed and the test suite runs."""
+    installed = importlib.metadata.version("apache-airflow")
+    constraints = pins(REPO / "requirements" / "constraints.txt")
+    assert overlay["airflowVersion"] == overlay["defaultAirflowTag"] == installed == constraints["apache-airflow"]
+    dockerfile = (REPO / "images" / "airflow" / "Dockerfile").read_text(encoding="utf-8")
+    assert f"ARG AIRFLOW_VERSION={installed}\n" in dockerfile
+    image_pins = pins(REPO / "images" / "airflow" / "requirements.txt")
+    assert image_pins == {name: importlib.metadata.version(name) for name in image_pins}
+    assert image_pins == {name: constraints[name] for name in image_pins}
+    # ... and they are the providers the package's `airflow` extra asks for.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = {re.match(r"[A-Za-z0-9._-]+", req).group(0) for req in project["optional-dependencies"]["airflow"]}
+    assert set(image_pins) == wanted - {"apache-airflow"}
+
+
+def test_overlay_uses_our_airflow_image(overlay):
+    version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    for key in ("airflow", "pod_template"):
+        image = overlay["images"][key]
+        assert image["repository"].endswith("/answersheet-airflow") and image["tag"] == version, key
+    assert overlay["images"]["airflow"] == overlay["images"]["pod_template"]
 
 
 def test_resources_fit_a_small_cluster(overlay):
