@@ -84,28 +84,56 @@ KUBERNETES_VALIDATE := $(VENV)/bin/kubernetes-validate
 K8S_VERSION ?= 1.31.0
 CHART := helm/answersheet
 ROADS_FILE ?= dags/roads.yaml
-DOCKERFILES := images/preprocess/Dockerfile images/detector/Dockerfile
+DOCKERFILES := images/preprocess/Dockerfile images/detector/Dockerfile images/airflow/Dockerfile
 # helm-template variants: each helm/ci/<name>-values.yaml -> $(HELM_TEMPLATE_DIR)/<name>.yaml, plus
 # `bare` (the chart's own defaults and example roads file, no values at all).
 HELM_VARIANTS := $(sort $(wildcard helm/ci/*-values.yaml))
 HELM_TEMPLATE_DIR ?= build/helm-template
+# The official Airflow chart (with its dependencies) unpacked, for rendering the overlay offline; CI pulls
+# it (.github/workflows/test.yml). Without it the overlay is checked against the chart's values schema only.
+AIRFLOW_CHART_DIR ?= $(SHARED)/airflow-chart/chart
+AIRFLOW_OVERLAY ?= helm/values-airflow.yaml
+AIRFLOW_CHART_ABSENT := $(AIRFLOW_CHART_DIR)/Chart.yaml not found: the official Airflow chart is NOT rendered; \
+  $(AIRFLOW_OVERLAY) is only checked against its values schema (tests/test_helm_overlay.py)
+# The KubernetesExecutor's worker pod template, which the chart ships inside its config ConfigMap.
+POD_TEMPLATE_PY := import sys, yaml; docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]; \
+  sys.stdout.write(next(d["data"]["pod_template_file.yaml"] for d in docs \
+  if d["kind"] == "ConfigMap" and "pod_template_file.yaml" in d.get("data", {})))
 
 .PHONY: lint helm-template
-lint: install $(HELM_DEP) ## ruff, hadolint on both Dockerfiles, helm lint --strict of the chart (every values variant)
-	$(VENV)/bin/ruff check $(wildcard src dags tests bench)
+lint: install $(HELM_DEP) ## ruff, hadolint on every Dockerfile, helm lint --strict of our chart (every values variant) and of the official chart with the overlay
+	$(VENV)/bin/ruff check $(wildcard src dags tests bench requirements images)
 	$(HADOLINT) $(DOCKERFILES)
 	$(HELM) lint --strict $(CHART)
 	@set -e; for values in $(HELM_VARIANTS); do \
 	  echo "$(HELM) lint --strict $(CHART) -f $$values --set-file roadsYaml=$(ROADS_FILE)"; \
 	  $(HELM) lint --strict --quiet $(CHART) -f $$values --set-file roadsYaml=$(ROADS_FILE); done
+	@if [ -f "$(AIRFLOW_CHART_DIR)/Chart.yaml" ]; then \
+	  echo "$(HELM) lint --strict $(AIRFLOW_CHART_DIR) -f $(AIRFLOW_OVERLAY)"; \
+	  $(HELM) lint --strict --quiet $(AIRFLOW_CHART_DIR) -f $(AIRFLOW_OVERLAY); \
+	else echo "lint: $(AIRFLOW_CHART_ABSENT)"; fi
 
-helm-template: install $(HELM_DEP) ## render the chart per helm/ci values variant; kubernetes-validate --strict every manifest
+# The official chart prints its deprecation and security warnings only in its NOTES, which `helm
+# template` does not render: `helm install --dry-run=client` (no cluster needed) does, and any WARNING
+# there fails the target. The worker pod template is validated like every other manifest.
+helm-template: install $(HELM_DEP) ## render our chart per helm/ci variant and the official chart with the overlay; kubernetes-validate --strict every manifest
 	@rm -rf $(HELM_TEMPLATE_DIR) && mkdir -p $(HELM_TEMPLATE_DIR)
 	$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) > $(HELM_TEMPLATE_DIR)/bare.yaml
 	@set -e; for values in $(HELM_VARIANTS); do \
 	  out=$(HELM_TEMPLATE_DIR)/$$(basename $$values -values.yaml).yaml; \
 	  echo "$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out"; \
 	  $(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out; done
+	@set -eo pipefail; out=$(HELM_TEMPLATE_DIR)/airflow; \
+	if [ ! -f "$(AIRFLOW_CHART_DIR)/Chart.yaml" ]; then echo "helm-template: $(AIRFLOW_CHART_ABSENT)"; exit 0; fi; \
+	echo "$(HELM) template $(AIRFLOW_RELEASE) $(AIRFLOW_CHART_DIR) --namespace $(NAMESPACE) -f $(AIRFLOW_OVERLAY) > $$out.yaml"; \
+	$(HELM) template $(AIRFLOW_RELEASE) $(AIRFLOW_CHART_DIR) --namespace $(NAMESPACE) -f $(AIRFLOW_OVERLAY) \
+	  > $$out.yaml 2> $$out-stderr.txt; \
+	$(HELM) install $(AIRFLOW_RELEASE) $(AIRFLOW_CHART_DIR) --namespace $(NAMESPACE) -f $(AIRFLOW_OVERLAY) \
+	  --dry-run=client -o json 2>> $$out-stderr.txt | $(PY) -c 'import json, sys; sys.stdout.write(json.load(sys.stdin)["info"]["notes"])' > $$out-notes.txt; \
+	if grep -i -A3 "warn" $$out-stderr.txt $$out-notes.txt; then \
+	  echo "helm-template: the Airflow chart warns about $(AIRFLOW_OVERLAY) (above; notes in $$out-notes.txt)" >&2; exit 1; fi; \
+	$(PY) -c '$(POD_TEMPLATE_PY)' $$out.yaml > $$out-pod-template.yaml; \
+	echo "$$out.yaml, $$out-pod-template.yaml: rendered, no chart warnings ($$out-notes.txt)"
 	$(KUBERNETES_VALIDATE) --strict --quiet --kubernetes-version $(K8S_VERSION) $(HELM_TEMPLATE_DIR)/*.yaml
 	@echo "$(HELM_TEMPLATE_DIR): every manifest is valid for Kubernetes $(K8S_VERSION) (strict)"
 
@@ -115,18 +143,22 @@ IMAGE_TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE_URL ?= https://github.com/answersheet/answersheet
-IMAGES := preprocess detector
+IMAGES := preprocess detector airflow
 DOCKER ?= docker
 
-.PHONY: images push
-images: ## docker build both stage images as IMAGE_REGISTRY/answersheet-<image>:<git describe>
+.PHONY: images push constraints
+images: ## docker build the stage images and our Airflow image as IMAGE_REGISTRY/answersheet-<image>:<git describe>
 	@set -e; for image in $(IMAGES); do \
 	  echo "building $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG)"; \
 	  $(DOCKER) build -f images/$$image/Dockerfile -t $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG) \
 	    --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) --build-arg SOURCE=$(SOURCE_URL) .; done
 
-push: ## docker push both images (after `make images`; log in to the registry first)
+push: ## docker push the images (after `make images`; log in to the registry first)
 	@set -e; for image in $(IMAGES); do $(DOCKER) push $(IMAGE_REGISTRY)/answersheet-$$image:$(IMAGE_TAG); done
+
+# Per-image locks resolved by pip for each image's own Python (requirements/lock.py; needs PyPI, ~30 s).
+constraints: install ## re-resolve requirements/{detector,preprocess}-constraints.txt for the images' Pythons
+	$(PY) requirements/lock.py write
 
 # --- cluster -----------------------------------------------------------------------------------------
 KUBECTL ?= kubectl

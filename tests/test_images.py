@@ -1,5 +1,7 @@
-"""The stage images' Dockerfiles (no docker engine here): hadolint-clean, pinned bases, non-root user,
-the `answersheet` entrypoint, the right packages, OCI labels, and a build context that holds what they copy."""
+"""The images' Dockerfiles (no docker engine here): hadolint-clean, pinned bases, non-root user, the
+`answersheet` entrypoint, the right packages (each image's lock, one CUDA major in the detector, the
+Airflow version and providers the tests run), OCI labels, a build context that holds what they copy, and
+the workflow that builds, runs and pushes them."""
 
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = ("preprocess", "detector")
+sys.path.insert(0, str(REPO / "requirements"))
+import lock  # noqa: E402  (requirements/lock.py)
+
+sys.path.remove(str(REPO / "requirements"))
+
+IMAGES = ("preprocess", "detector", "airflow")
+STAGE_IMAGES = ("preprocess", "detector")
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
 CONSTRAINTS = {
     m.group(1).lower(): m.group(2)
@@ -42,9 +50,21 @@ def stages(text: str) -> list[list[tuple[str, str]]]:
     return out
 
 
+def global_args(text: str) -> dict[str, str]:
+    """ARG defaults declared before the first FROM, each substituted with the ones before it."""
+    args: dict[str, str] = {}
+    for kind, rest in instructions(text):
+        if kind == "FROM":
+            break
+        if kind == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            args[name] = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], value)
+    return args
+
+
 def base_images(text: str) -> list[str]:
     """FROM images of every stage, ARG defaults substituted, earlier stage names excluded."""
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    args = global_args(text)
     names, images = set(), []
     for kind, rest in instructions(text):
         if kind != "FROM":
@@ -88,7 +108,7 @@ def test_bases_are_pinned_by_tag(image):
         assert re.search(r"\d", tag), f"{base}: pin a versioned tag"
 
 
-@pytest.mark.parametrize("image", IMAGES)
+@pytest.mark.parametrize("image", STAGE_IMAGES)
 def test_final_stage_runs_answersheet_as_non_root(image):
     final = stages(dockerfile(image))[-1]
     users = [rest for kind, rest in final if kind == "USER"]
@@ -120,34 +140,118 @@ def test_oci_labels_from_build_args(image):
         assert f'org.opencontainers.image.{key}="${{{arg}}}"' in labels
 
 
-def test_preprocess_image_has_no_torch():
+def test_airflow_image_keeps_the_official_non_root_user():
+    final = stages(dockerfile("airflow"))[-1]
+    assert not [rest for kind, rest in final if kind == "USER"]  # the base's `airflow` user (uid 50000)
+
+
+def test_preprocess_image_has_no_torch_and_installs_its_lock():
     text = dockerfile("preprocess")
     installs = [rest for kind, rest in instructions(text) if kind == "RUN" and "pip install" in rest]
     assert len(installs) == 1
-    assert re.search(r"pip install --no-cache-dir -c requirements/constraints.txt \.(\s|$)", installs[0])
+    assert re.search(r"pip install --no-cache-dir -c requirements/preprocess-constraints.txt \.(\s|$)", installs[0])
     for kind, rest in instructions(text):
         if kind in ("RUN", "COPY", "ENV", "FROM", "ARG"):
             assert not re.search(r"torch|yolov5|onnx|\[detect", rest, re.I), f"{kind} {rest}"
-    assert base_images(text)[0].startswith("python:3.11.") and "slim" in base_images(text)[0]
+    base = base_images(text)[0]
+    assert base.startswith(f"python:{lock.IMAGES['preprocess'].python}.") and "slim-bookworm" in base
+    assert lock.IMAGES["preprocess"].glibc == (2, 36)  # Debian 12 (bookworm)
 
 
-def test_detector_image_packages_match_the_pins():
+def detector_lock() -> dict[str, str]:
+    return lock.read_pins(lock.lock_path("detector"))
+
+
+def test_detector_base_is_one_cuda_for_torch_and_onnxruntime():
+    """The base's CUDA (pytorch/pytorch:<torch>-cuda<X.Y>-cudnn9-runtime) is the CUDA major of the nvidia
+    wheels the lock's torch needs, which onnxruntime-gpu uses too; torch equals the lock, so pip keeps the
+    base's build."""
     text = dockerfile("detector")
     assert len(stages(text)) >= 3  # global ARG prelude + build stage + runtime stage: multi-stage
+    args = global_args(text)
     base = base_images(text)[0]
-    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn9-runtime", base)
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+)\.(\d+)-cudnn9-runtime", base)
     assert m, base
-    assert m.group(1) == CONSTRAINTS["torch"]  # pip keeps the base's CUDA torch
-    reqs = dict(re.findall(r"^([A-Za-z0-9_-]+)([=<>!].*)$", (REPO / "images/detector/requirements.txt").read_text(),
-                           re.M))
-    assert reqs["yolov5"] == f"=={CONSTRAINTS['yolov5']}"
-    assert reqs["onnx"] == f"=={CONSTRAINTS['onnx']}"
-    assert reqs["setuptools"] == "<81"  # yolov5 7.0.14 imports pkg_resources
-    assert reqs["onnxruntime-gpu"].startswith("==")
-    assert "onnxruntime" not in reqs  # the CPU wheel would shadow the GPU one
+    pins = detector_lock()
+    assert m.group(1) == args["TORCH_VERSION"] == pins["torch"] == CONSTRAINTS["torch"]
+    assert args["CUDA_VERSION"] == f"{m.group(2)}.{m.group(3)}"
+    cuda_major = m.group(2)
+    assert pins["nvidia-cuda-runtime"].split(".")[0] == cuda_major
+    assert "nvidia-cudnn-cu13" in pins and f"cu{cuda_major}" == "cu13"
+    assert not [name for name in pins if re.search(r"-cu(?!13)\d+$", name)], "a second CUDA major in the lock"
+    # onnxruntime-gpu 1.29+ wheels are CUDA 13 builds (the slow check in test_image_check.py reads the
+    # wheel's own build info); 1.22-1.28 were CUDA 12.
+    assert tuple(map(int, pins["onnxruntime-gpu"].split(".")[:2])) >= (1, 29)
+    assert "onnxruntime" not in pins  # the CPU wheel would shadow the GPU one
+
+
+def test_detector_lock_is_for_the_base_python_and_has_one_opencv():
+    pins = detector_lock()
+    opencv = [name for name in pins if name.startswith("opencv")]
+    assert opencv == ["opencv-python"]
+    assert "opencv-python-headless" in lock.IMAGES["detector"].exclude
+    assert lock.IMAGES["detector"].python == "3.12" and lock.IMAGES["detector"].glibc == (2, 39)  # Ubuntu 24.04
+    header = lock.lock_path("detector").read_text(encoding="utf-8").splitlines()[0]
+    assert "Python 3.12" in header
+
+
+def test_image_locks_keep_the_tested_versions():
+    """Wherever the development venv has the same package, the image locks pin the version `make test` runs."""
+    from packaging.version import Version
+
+    for image in lock.IMAGES:
+        pins = lock.read_pins(lock.lock_path(image))
+        dev = {lock.canonical(k): v for k, v in CONSTRAINTS.items()}
+        differ = {n: (v, dev[n]) for n, v in pins.items() if n in dev and Version(v) != Version(dev[n])}
+        assert differ == {}, image
+    reqs = lock.read_pins(REPO / "images/detector/requirements.txt")
+    pins = detector_lock()
+    assert reqs == {name: pins[name] for name in reqs}  # the detector's own pins are in its lock as given
+    assert set(reqs) == {"torch", "torchvision", "yolov5", "onnx", "onnxruntime-gpu"}
+    assert pins["setuptools"].split(".")[0] < "81"  # yolov5 7.0.14 imports pkg_resources
+
+
+def test_detector_installs_its_lock_into_a_venv_over_the_base():
+    """PEP 668: the base's Python is externally managed, so the packages go into a venv that sees the
+    base's torch (--system-site-packages); --no-deps installs exactly the lock."""
+    text = dockerfile("detector")
+    runs = [rest for kind, rest in stages(text)[-1] if kind == "RUN"]
+    install = next(r for r in runs if "pip install" in r)
+    assert "python3 -m venv --system-site-packages --without-pip /opt/answersheet" in install
+    assert re.search(r"/opt/answersheet/bin/python -m pip install --no-cache-dir --no-deps\s+"
+                     r"-r /opt/answersheet/detector-constraints.txt /tmp/wheels/\*\.whl", install)
+    assert "--nvidia-lib-dirs > /etc/ld.so.conf.d/" in install and install.rstrip().endswith("ldconfig")
+    assert "PIP_BREAK_SYSTEM_PACKAGES" not in " ".join(rest for _, rest in instructions(text))
+    env = " ".join(rest for kind, rest in stages(text)[-1] if kind == "ENV")
+    assert "PATH=/opt/answersheet/bin:${PATH}" in env
+
+
+def test_detector_build_runs_the_check_script_as_the_image_user():
+    final = stages(dockerfile("detector"))[-1]
+    user_at = next(i for i, (kind, rest) in enumerate(final) if kind == "USER" and rest == "10001:10001")
+    check = [(i, rest) for i, (kind, rest) in enumerate(final) if kind == "RUN" and "check.py --image" in rest]
+    assert len(check) == 1 and check[0][0] > user_at
+    assert '--cuda "${CUDA_VERSION}"' in check[0][1]
+    assert "--lock /opt/answersheet/detector-constraints.txt" in check[0][1]
+    assert ("ARG", "CUDA_VERSION") in final  # in scope of the runtime stage
+    copies = " ".join(rest for kind, rest in final if kind == "COPY")
+    assert "images/detector/check.py" in copies and "requirements/detector-constraints.txt" in copies
+
+
+def airflow_pins() -> dict[str, str]:
+    return lock.read_pins(REPO / "images/airflow/requirements.txt")
+
+
+def test_airflow_image_is_the_tested_airflow_and_providers():
+    text = dockerfile("airflow")
+    args = global_args(text)
+    assert base_images(text) == [f"apache/airflow:{args['AIRFLOW_VERSION']}-python{args['PYTHON_VERSION']}"]
+    assert args["AIRFLOW_VERSION"] == CONSTRAINTS["apache-airflow"]
+    assert args["PYTHON_VERSION"] == f"{sys.version_info.major}.{sys.version_info.minor}"  # what `make test` runs
+    assert airflow_pins() == {name: CONSTRAINTS[name] for name in airflow_pins()}
     install = next(rest for kind, rest in instructions(text) if kind == "RUN" and "pip install" in rest)
-    assert "-c /tmp/constraints.txt" in install and "-r /tmp/detector-requirements.txt" in install
-    assert "CUDAExecutionProvider" in install and "torch.version.cuda" in install
+    assert '"apache-airflow==${AIRFLOW_VERSION}" -r /opt/answersheet/airflow-requirements.txt' in install
+    assert "sys.exit(f'not as pinned" in install  # the build fails unless the versions are exactly these
 
 
 def dockerignore_allows(path: str) -> bool:
@@ -189,25 +293,76 @@ def workflow(name: str) -> dict:
     return doc
 
 
-def test_images_workflow_builds_both_and_pushes_only_from_main_and_tags():
+def test_images_workflow_builds_all_and_pushes_only_from_main_and_tags():
     wf = workflow("images.yml")
     assert set(wf["on"]) == {"push", "pull_request"}
     assert wf["on"]["push"] == {"branches": ["main"], "tags": ["v*.*.*"]}
-    (job,) = wf["jobs"].values()
+    job = wf["jobs"]["image"]
     assert sorted(job["strategy"]["matrix"]["image"]) == sorted(IMAGES)
-    steps = {s.get("uses", "").split("@")[0]: s for s in job["steps"]}
+    assert job["needs"] == "locks"
+    steps = {s.get("uses", "").split("@")[0]: s for s in job["steps"] if s.get("uses")}
     meta = steps["docker/metadata-action"]["with"]
     assert meta["images"].endswith("/answersheet-${{ matrix.image }}") and meta["images"].startswith("ghcr.io/")
-    for kind in ("type=sha", "type=ref,event=branch", "type=semver,pattern={{version}}"):
+    for kind in ("type=sha", "type=ref,event=branch", "type=semver,pattern={{version}}",
+                 "type=semver,pattern={{major}}.{{minor}}"):
         assert kind in meta["tags"]
-    build = steps["docker/build-push-action"]["with"]
-    assert build["context"] == "." and build["file"] == "images/${{ matrix.image }}/Dockerfile"
-    assert build["push"] == "${{ env.PUSH == 'true' }}"
+    assert "flavor" not in meta  # latest=auto: `latest` follows the highest semver tag
+    builds = [s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action")]
+    build, push = builds
+    assert build["with"]["load"] is True and build["with"]["push"] is False
+    assert push["if"] == "env.PUSH == 'true'" and push["with"]["push"] is True
+    for step in builds:
+        assert step["with"]["context"] == "." and step["with"]["file"] == "images/${{ matrix.image }}/Dockerfile"
+        for arg in ("VERSION=", "REVISION=${{ github.sha }}", "SOURCE="):
+            assert arg in step["with"]["build-args"]
     assert job["env"]["PUSH"] == ("${{ github.event_name == 'push' && (github.ref == 'refs/heads/main' || "
                                   "startsWith(github.ref, 'refs/tags/v')) }}")
     assert steps["docker/login-action"]["if"] == "env.PUSH == 'true'"
-    for arg in ("VERSION=", "REVISION=${{ github.sha }}", "SOURCE="):
-        assert arg in build["build-args"]
+
+
+def test_images_workflow_caches_lightly_and_runs_each_image_before_pushing():
+    job = workflow("images.yml")["jobs"]["image"]
+    build = next(s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action"))
+    assert build["with"]["cache-to"] == "type=gha,mode=min,scope=${{ matrix.image }}"
+    names = [s.get("name", s.get("uses")) for s in job["steps"]]
+    smoke = next(s for s in job["steps"] if s.get("name") == "Run the image read-only as uid 10001")
+    assert names.index("Build") < names.index(smoke["name"]) < names.index("Push (main and version tags)")
+    script = smoke["run"]
+    assert "--read-only --user 10001:10001 --tmpfs /scratch" in script
+    assert "/opt/answersheet/check.py --image --read-only" in script
+    for image in IMAGES:
+        assert f"{image})" in script
+
+
+def test_images_workflow_checks_the_locks():
+    locks = workflow("images.yml")["jobs"]["locks"]
+    assert [s["run"] for s in locks["steps"] if "run" in s] == ["python requirements/lock.py check"]
+
+
+# Majors that run on Node 24 (GitHub runners drop Node 20 actions): checkout v5+, setup-python v6,
+# setup-node v5+, setup-buildx v4, login v4, metadata v6, build-push v7.
+NODE24_MAJORS = {"actions/checkout": 5, "actions/setup-python": 6, "actions/setup-node": 5,
+                 "docker/setup-buildx-action": 4, "docker/login-action": 4, "docker/metadata-action": 6,
+                 "docker/build-push-action": 7}
+
+
+@pytest.mark.parametrize("name", ["images.yml", "test.yml"])
+def test_actions_are_current_for_node24_runners(name):
+    used = [s["uses"] for job in workflow(name)["jobs"].values() for s in job["steps"] if "uses" in s]
+    assert used
+    for uses in used:
+        action, _, ref = uses.partition("@")
+        assert re.fullmatch(r"v\d+", ref), uses
+        assert int(ref[1:]) >= NODE24_MAJORS[action], uses
+
+
+def test_readme_lists_the_tags_ci_pushes():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Deploy to a cluster"):]
+    for tag in ("`sha-<short commit>`", "`main`", "`0.1.0`", "`0.1`", "`latest`"):
+        assert tag in section, tag
+    for image in IMAGES:
+        assert f"answersheet-{image}" in section or "answersheet-{preprocess,detector,airflow}" in section
 
 
 def test_test_workflow_runs_make_test_on_python_311():
@@ -218,3 +373,5 @@ def test_test_workflow_runs_make_test_on_python_311():
     runs = [s.get("run", "") for s in job["steps"]]
     assert "make test" in runs and "make lint helm-template" in runs
     assert job["runs-on"].startswith("ubuntu")
+    chart = next(r for r in runs if "helm" in r and "pull airflow" in r)
+    assert "--version 1.22.0 --untar" in chart and "../shared/airflow-chart/chart" in chart

@@ -80,7 +80,8 @@ def test_help_lists_the_ship_targets():
     proc = make("help")
     assert proc.returncode == 0
     listed = {line.split()[0] for line in lines(proc.stdout)}
-    assert {"tools", "lint", "helm-template", "images", "push", "deploy", "backfill", "status", "logs"} <= listed
+    assert {"tools", "lint", "helm-template", "images", "push", "constraints", "deploy", "backfill", "status",
+            "logs"} <= listed
     assert {"install", "demo", "test"} <= listed
 
 
@@ -114,13 +115,28 @@ def test_images_are_built_from_the_repository_root_with_labels():
     proc = make("-n", "images", "IMAGE_TAG=v9.9.9", "IMAGE_REGISTRY=registry.example.com/team")
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout.replace("\\\n", " ")
-    assert "for image in preprocess detector" in script
+    assert "for image in preprocess detector airflow" in script
     assert ("build -f images/$image/Dockerfile -t registry.example.com/team/answersheet-$image:v9.9.9" in
             " ".join(script.split()))
     version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
     for arg in (f"--build-arg VERSION={version}", "--build-arg REVISION=", "--build-arg SOURCE="):
         assert arg in script
     assert script.rstrip().endswith(".; done")
+
+
+def test_constraints_resolves_the_image_locks():
+    proc = make("-n", "constraints")
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc.stdout) == [f"{sys.prefix}/bin/python requirements/lock.py write"]
+
+
+def test_lint_covers_every_dockerfile_and_the_official_chart():
+    assert make("-s", "print-DOCKERFILES").stdout.split() == [
+        "images/preprocess/Dockerfile", "images/detector/Dockerfile", "images/airflow/Dockerfile"]
+    proc = make("-n", "lint", "HELM=helm")
+    assert proc.returncode == 0, proc.stderr
+    assert "helm lint --strict --quiet $(AIRFLOW_CHART_DIR)" not in proc.stdout  # expanded by make
+    assert "lint --strict --quiet ../shared/airflow-chart/chart -f helm/values-airflow.yaml" in proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
