@@ -50,9 +50,9 @@ def check_jpeg(data: bytes) -> tuple[int, int]:
     The decode runs at libjpeg's smallest DCT scale (1/8) into one grey channel (CMYK files: their own
     colour space, which libjpeg cannot convert): every entropy-coded byte of every component is still
     Huffman-decoded, so truncation and corrupt data are caught, but the IDCT, upsampling and colour
-    conversion work is ~1/64. Measured on this machine (2 shared cores, medians): a 1920x1080 4:4:4
-    940 KB road photo 14–17 ms, a 1920x1080 4:2:0 85 KB frame ~3 ms; Pillow's lenient 1/8-scale decode,
-    which this replaces, took the same time within noise.
+    conversion work is ~1/64. Measured per 1920x1080 image on this machine (2 shared cores, medians of 40,
+    before = Pillow's lenient 1/8-scale decode this replaces): 940 KB 4:4:4 road photo 15.9 -> 12.0 ms,
+    346 KB 4:2:0 q90 3.3 -> 2.9 ms, 333 KB progressive 18.7 -> 16.6 ms.
     """
     import simplejpeg
 
