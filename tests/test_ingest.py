@@ -482,6 +482,26 @@ def test_item3_identical_copies_across_archives_are_ingested_once(store, tmp_pat
     assert m["rejections"] == [] and m["rejection_counts"] == {} and m["identical_duplicates"] == 2
 
 
+def test_item3_first_valid_copy_wins_whatever_order_the_uploads_finish(store, tmp_path, jpegs):
+    """30 names in three archives, uploaded by 8 threads: the winner is decided by archive and member order."""
+    names = [image_name(f"09{i:04d}") for i in range(30)]
+    good_a, good_b, good_c = jpegs[0], jpegs[1], jpegs[2]
+    a = put_raw(store, "a.zip", make_zip([(n, good_a if i % 3 == 0 else good_a[:300]) for i, n in enumerate(names)]))
+    b = put_raw(store, "b.zip", make_zip([(n, good_b if i % 3 != 2 else spliced(good_b)) for i, n in enumerate(names)]))
+    c = put_raw(store, "c.zip", make_zip([(n, good_c) for n in names]))
+    ingest_day(road_day(store, tmp_path, ingest={"workers": 8}))
+    m = ingest_manifest(store)
+    expected = {n: [a, b, c][i % 3] for i, n in enumerate(names)}
+    assert {i["name"]: i["archive"] for i in m["images"]} == expected
+    assert {i["name"]: i["sha256"] for i in m["images"]} == {
+        n: sha({a: good_a, b: good_b, c: good_c}[k]) for n, k in expected.items()}
+    conflicts = {(r["object"], r["member"]): r["kept"]["object"] for r in m["rejections"]
+                 if r["kind"] == "duplicate_conflict"}
+    assert conflicts == {**{(b, n): a for n, k in expected.items() if k == a},
+                         **{(c, n): k for n, k in expected.items() if k != c}}
+    assert m["rejection_counts"] == {"bad_jpeg": 30, "duplicate_conflict": 30}
+
+
 # --- issue 8, item 8: junk members and memory -----------------------------------------------------
 
 

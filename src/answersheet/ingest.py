@@ -71,7 +71,7 @@ class Rejected(ValueError):
         self.kind = kind
 
 
-@dataclass
+@dataclass(slots=True)
 class _Image:
     name: ImageName
     sha256: str
@@ -80,13 +80,14 @@ class _Image:
     member: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Claim:
     """One image name across the day's archives: the copy that won (the first valid one, in archive-key and
-    member order), and whether the copy now in flight has been judged. At most one copy of a name is in
-    flight at a time, so "first valid" does not depend on which upload thread finishes first."""
+    member order), and whether the copy now in flight has been judged (under _DayRun.settled). At most one
+    copy of a name is in flight at a time, so "first valid" does not depend on which upload finishes first.
+    Kept small (no Event per name: 1.2 KB each, 240 MB for 200k images)."""
 
-    judged: threading.Event = dataclasses.field(default_factory=threading.Event)
+    judged: bool = False
     winner: _Image | None = None
 
 
@@ -104,6 +105,7 @@ class _DayRun:
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # one string object per distinct reason
     images: dict[str, dict] = dataclasses.field(default_factory=dict)  # filename -> manifest entry
     claims: dict[str, _Claim] = dataclasses.field(default_factory=dict)  # filename -> its copies' claim
+    settled: threading.Condition = dataclasses.field(default_factory=threading.Condition)  # a claim was judged
 
     def reject(self, obj: str, member: str | None, kind: str, reason: str, **detail: object) -> None:
         """Record a rejection; member and reason are made printable here, at the source."""
@@ -271,17 +273,21 @@ def _jpeg_problem(data: bytes) -> str | None:
 
 def _upload_task(run: _DayRun, image: _Image, data: bytes, claim: _Claim) -> Callable[[], tuple]:
     """Check the copy strictly; if valid it wins its name (the main thread made it the only copy in flight)
-    and is uploaded. `judged` is set whatever happens, so a later copy waiting on it never hangs."""
+    and is uploaded. The claim is judged whatever happens, so a later copy waiting on it never hangs."""
 
     def task() -> tuple:
+        won = False
         try:
             problem = _jpeg_problem(data)
             if problem is None:
                 run.store.put(run.images_prefix + image.name.filename, data, "image/jpeg")
-                claim.winner = image
+                won = True
             return image, problem
         finally:
-            claim.judged.set()
+            with run.settled:
+                claim.winner = image if won else None
+                claim.judged = True
+                run.settled.notify_all()
 
     return task
 
@@ -314,11 +320,12 @@ def _claim_task(run: _DayRun, image: _Image, data: bytes) -> Callable[[], tuple]
     if claim is None:
         claim = run.claims[filename] = _Claim()
         return _upload_task(run, image, data, claim)
-    claim.judged.wait()
-    winner = claim.winner
-    if winner is None:  # every earlier copy was invalid
-        claim.judged = threading.Event()
-        return _upload_task(run, image, data, claim)
+    with run.settled:
+        run.settled.wait_for(lambda: claim.judged)
+        winner = claim.winner
+        if winner is None:  # every earlier copy was invalid: this one is the next in flight
+            claim.judged = False
+            return _upload_task(run, image, data, claim)
     if winner.sha256 == image.sha256:
         run.identical_duplicates += 1
         return None
