@@ -559,6 +559,20 @@ def test_item8_entries_are_counted_in_the_directory_not_taken_from_the_end_recor
     assert "more than max_members 3 entries" in rej["reason"] and "declares 1" in rej["reason"]
 
 
+def test_item8_central_directory_bytes_are_bounded_by_max_members(store, tmp_path, jpegs):
+    """Few entries with huge names/extras would still make zipfile read and keep the whole directory."""
+    long_name = "x" * 3000 + "/" + image_name("090000")
+    over = put_raw(store, "a.zip", make_zip([(long_name, jpegs[0])]))
+    put_raw(store, "b.zip", make_zip([(image_name("090001"), jpegs[1])]))
+    ingest_day(road_day(store, tmp_path, ingest={"max_members": 2}))
+    m = ingest_manifest(store)
+    [rej] = m["rejections"]
+    assert rej["object"] == over and rej["kind"] == "too_many_members"
+    assert rej["reason"] == (f"central directory of {46 + len(long_name)} bytes > 1024 bytes per allowed member"
+                             " (max_members 2); archive not read")
+    assert [i["name"] for i in m["images"]] == [image_name("090001")]
+
+
 _PEAK_RSS_CHILD = """
 import datetime as dt, gc, json, resource, sys, tempfile
 from answersheet.config import load_road
