@@ -59,3 +59,14 @@ def test_parser_covers_every_stage():
     for stage in ("ingest", "detect", "preprocess", "datasheet", "run"):
         args = parser.parse_args([stage, "--road", ROAD, "--date", "2026-11-02"])
         assert args.command == stage and args.road == ROAD
+
+
+def test_output_hygiene_error_line_never_carries_a_control_character(tmp_path):
+    """Whatever an error message quotes (here a --config path with ESC sequences, CR and a newline), the
+    error is one line with the characters escaped: nothing clears or recolours the terminal."""
+    path = tmp_path / "\x1b[2J\x1b[31mroads\r\nanswersheet: ok.yaml"
+    proc = cli("ingest", "--road", ROAD, "--date", DAY.isoformat(), "--config", str(path))
+    assert proc.returncode == 1
+    assert not any(c in proc.stderr for c in "\x1b\r")
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("answersheet: error: ") and r"\x1b[2J\x1b[31mroads\r\nanswersheet: ok.yaml" in line

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from answersheet import __version__
-from answersheet.errors import AnswersheetError
+from answersheet.errors import AnswersheetError, printable
 
 log = logging.getLogger("answersheet")
 
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, ensure_ascii=False))
         return 0
     except AnswersheetError as exc:
-        print(f"answersheet: error: {exc}", file=sys.stderr)
+        print(f"answersheet: error: {printable(str(exc))}", file=sys.stderr)  # one line, no terminal control
         return 1
     except KeyboardInterrupt:
         print("answersheet: interrupted", file=sys.stderr)

@@ -10,7 +10,12 @@ _NAME_RE = re.compile(r"^(?P<road>.+)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<cam>[a
 
 
 class BadImageName(ValueError):
-    """The member's file name does not follow the naming scheme (the message says how)."""
+    """The member's file name does not follow the naming scheme (the message says how and names the file;
+    `problem` says how without the name, so that many misnamed members share one reason text)."""
+
+    def __init__(self, problem: str, filename: str) -> None:
+        super().__init__(f"{problem}: {filename!r}")
+        self.problem = problem
 
 
 @dataclass(frozen=True, order=True)
@@ -49,18 +54,18 @@ def set_filename(set_id: str, camera: str) -> str:
 
 def parse_image_name(filename: str, road: str, day: dt.date, cameras: tuple[str, ...]) -> ImageName:
     """Parse a base file name and check it belongs to this road, day and camera list."""
-    m = _NAME_RE.match(filename)
+    m = _NAME_RE.fullmatch(filename)  # not match(): `$` also matches before a trailing newline
     if not m:
-        raise BadImageName(f"name does not match <road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg: {filename!r}")
+        raise BadImageName("name does not match <road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg", filename)
     name = ImageName(m["road"], m["date"], m["time"], m["cam"])
     if name.road != road:
-        raise BadImageName(f"image of another road ({name.road!r}, expected {road!r}): {filename!r}")
+        raise BadImageName(f"image of another road ({name.road!r}, expected {road!r})", filename)
     if name.date != day.strftime("%Y%m%d"):
-        raise BadImageName(f"image of another date ({name.date}, expected {day:%Y%m%d}): {filename!r}")
+        raise BadImageName(f"image of another date ({name.date}, expected {day:%Y%m%d})", filename)
     try:
         dt.time(int(name.time[:2]), int(name.time[2:4]), int(name.time[4:]))
     except ValueError:
-        raise BadImageName(f"invalid capture time {name.time!r}: {filename!r}") from None
+        raise BadImageName(f"invalid capture time {name.time!r}", filename) from None
     if name.camera not in cameras:
-        raise BadImageName(f"unknown camera {name.camera!r} (expected one of {list(cameras)}): {filename!r}")
+        raise BadImageName(f"unknown camera {name.camera!r} (expected one of {list(cameras)})", filename)
     return name
