@@ -82,3 +82,96 @@ def test_image_names_parse_from_the_right():
     ]:
         with pytest.raises(BadImageName, match=why):
             parse_image_name(bad, "daewang_pangyo", day, CAMS)
+
+
+# -- issue 8 item 6: numbers that switch safety off, unreadable roads files --------------------------------
+
+NUMBER_KEYS = [("detect", k) for k in ("conf_thres", "iou_thres", "imgsz", "max_det", "batch_size", "shards")] + [
+    ("ingest", k) for k in ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members", "workers")]
+
+
+@pytest.mark.parametrize("section, key", NUMBER_KEYS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_item6_every_number_must_be_finite(tmp_path, section, key, value):
+    """`.nan` / `.inf` in the roads file (as YAML writes them) are refused with file, road and key."""
+    raw = read_roads_file(ROADS_FILE)[0]
+    doc = {"roads": [{**raw, section: {**(raw.get(section) or {}), key: value}}]}
+    path = tmp_path / "roads.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert (".nan" if value != value else ".inf") in path.read_text(encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_road(path, "daewang_pangyo")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: road 'daewang_pangyo': key '{section}.{key}':"), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("key, value", [("conf_thres", 1.5), ("iou_thres", -0.1), ("max_det", 10**9)])
+def test_item6_detect_numbers_have_ranges(key, value):
+    with pytest.raises(ConfigError, match=f"'detect.{key}': must be in"):
+        validate_road(road(detect={**road()["detect"], key: value}))
+
+
+def test_item6_ingest_max_ratio_inf_cannot_disable_the_bomb_guard():
+    with pytest.raises(ConfigError, match="'ingest.max_ratio': must be a finite number"):
+        validate_road(road(ingest={"max_ratio": float("inf")}))
+
+
+def test_item6_cp949_roads_file_is_one_line(tmp_path):
+    """The shipped roads file saved as cp949 (Korean Windows' default encoding): one line with file and line."""
+    text = yaml.safe_dump(yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8")), allow_unicode=True, sort_keys=False)
+    path = tmp_path / "roads.yaml"
+    path.write_bytes(text.encode("cp949"))
+    with pytest.raises(ConfigError) as err:
+        load_road(path, "daewang_pangyo")
+    msg = str(err.value)
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if "대왕판교" in x)
+    assert msg.startswith(f"{path}: line {line}: not UTF-8 text") and "\n" not in msg, msg
+
+
+def test_item6_directory_as_roads_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r": is a directory, not a roads file$"):
+        load_road(tmp_path, "daewang_pangyo")
+
+
+def test_item6_invalid_yaml_is_one_line_with_the_line_number(tmp_path):
+    path = tmp_path / "roads.yaml"
+    path.write_text("roads:\n  - id: a\n    name: [unclosed\n  - id: b\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_road(path, "a")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: line ") and "not valid YAML" in msg and "\n" not in msg
+
+
+def test_item6_dag_settings_refuse_non_finite_numbers():
+    """The DAG side's own reader (dags/answersheet_dagkit/settings.py) has the same finite check."""
+    import sys
+
+    sys.path.insert(0, str(ROADS_FILE.parent))
+    from answersheet_dagkit.settings import RoadConfigError, validate_schedule
+
+    schedule = {"start_date": "2026-11-02"}
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(RoadConfigError, match="'schedule.retry_delay_minutes': must be a finite number"):
+            validate_schedule("r", {**schedule, "retry_delay_minutes": value})
+    assert validate_schedule("r", {**schedule, "retry_delay_minutes": 2.5}).retry_delay_minutes == 2.5
+
+
+# -- issue 8, output hygiene: each stage's digest covers only what changes its own output --------------------
+
+def test_hygiene_stage_digests_are_scoped():
+    base = validate_road(road())
+
+    def changed(**over) -> set[str]:
+        other = validate_road(road(**over))
+        return {s for s in ("ingest", "detect", "preprocess", "datasheet") if other.digest(s) != base.digest(s)}
+
+    det = road()["detect"]
+    assert changed(detect={**det, "conf_thres": 0.3}) == {"detect"}
+    assert changed(detect={**det, "batch_size": 4, "device": "cpu"}) == set()
+    assert changed(detect={**det, "cameras": ["side1"]}) == {"ingest", "detect", "preprocess"}
+    assert changed(ingest={"max_ratio": 50}) == {"ingest"}
+    assert changed(ingest={"workers": 4}) == set()
+    assert changed(short_set_policy="flag") == {"preprocess"}
+    assert changed(name="다른 이름") == {"datasheet"}
+    assert changed(schedule={"cron": "0 10 * * *"}) == set()

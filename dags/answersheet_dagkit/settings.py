@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import os
 import re
 import zoneinfo
@@ -182,8 +183,9 @@ def _int(road: str, key: str, value: Any, low: int, high: int | None = None) -> 
 
 
 def _positive(road: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise _fail(road, key, f"must be a number > 0, got {value!r}")
+    # .nan passes `value <= 0` and .inf has no upper bound: both are refused (finite numbers only)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _fail(road, key, f"must be a finite number > 0, got {value!r}")
     return float(value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +82,42 @@ class RoadConfig:
     schedule: dict[str, Any] = field(default_factory=dict)
     kubernetes: dict[str, Any] = field(default_factory=dict)
 
-    def digest(self) -> str:
-        """sha256 of everything that changes stage outputs (not schedule/kubernetes)."""
-        body = {
-            "id": self.id, "name": self.name, "cameras": self.cameras, "classes": self.classes,
-            "short_set_policy": self.short_set_policy, "detect": self.detect.__dict__,
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings that change `stage`'s own output — and nothing else, so that changing
+        `detect.conf_thres` redoes detect and what follows but never ingest.
+
+        Left out on purpose: worker counts, batch size, device, shard count (performance only; the
+        backend, device type and shard layout are part of detect's digest where it computes them),
+        weight/ONNX *paths* (the sha256 is the model's identity), schedule and kubernetes.
+        """
+        d = self.detect
+        scopes: dict[str, dict[str, Any]] = {
+            # image names, which members are accepted, and the selected-for-detection flags
+            "ingest": {"id": self.id, "cameras": self.cameras, "selected": d.cameras,
+                       "limits": {k: v for k, v in self.ingest.__dict__.items() if k != "workers"}},
+            "detect": {"cameras": d.cameras, "sha256": d.sha256, "onnx_sha256": d.onnx_sha256,
+                       "conf_thres": d.conf_thres, "iou_thres": d.iou_thres, "imgsz": d.imgsz,
+                       "max_det": d.max_det, "n_classes": len(self.classes)},
+            # set completeness, placeholders, the selected flag and notes of missing cameras
+            "preprocess": {"id": self.id, "cameras": self.cameras, "short_set_policy": self.short_set_policy,
+                           "selected": d.cameras},
+            # classes.txt, the datasheet's columns and road columns, the report's title
+            "datasheet": {"id": self.id, "name": self.name, "classes": self.classes},
         }
+        if stage not in scopes:
+            raise ValueError(f"unknown stage {stage!r}")
+        return scopes[stage]
+
+    def digest(self, stage: str | None = None) -> str:
+        """sha256 of the settings that change `stage`'s output (see stage_settings); without a stage,
+        of everything that changes any stage's output (recorded as the answer sheet's config digest)."""
+        if stage is None:
+            body: dict[str, Any] = {
+                "id": self.id, "name": self.name, "cameras": self.cameras, "classes": self.classes,
+                "short_set_policy": self.short_set_policy, "detect": self.detect.__dict__,
+            }
+        else:
+            body = {"stage": stage, **self.stage_settings(stage)}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -101,15 +132,44 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_text(p: Path) -> str:
+    """The roads file as text; every way it can be unreadable is one line naming the file."""
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: roads file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a roads file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the roads file: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                          "save the roads file as UTF-8") from None
+
+
+def _yaml_error(p: Path, exc: yaml.YAMLError) -> ConfigError:
+    """PyYAML's multi-line message as one line: file, line, column, problem."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(x for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+    return ConfigError(f"{p}: {where}not valid YAML: {_one_line(problem or exc)}")
+
+
 def read_roads_file(path: str | Path) -> list[dict]:
     """Parse the roads file and return each road's raw mapping with `defaults` merged in."""
     p = Path(path)
+    text = _read_text(p)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: roads file not found") from None
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        raise _yaml_error(p, exc) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("roads"), list):
         raise ConfigError(f"{p}: expected a mapping with a 'roads' list")
     unknown = set(doc) - {"defaults", "roads"}
@@ -136,11 +196,16 @@ def _check_keys(road: str, where: str, mapping: dict, allowed: tuple[str, ...]) 
             raise _fail(road, f"{where}{key}", f"unknown key (allowed: {', '.join(allowed)})")
 
 
-def _number(road: str, key: str, value: Any, kind: type, low: float, high: float | None = None):
+def _number(road: str, key: str, value: Any, kind: type, low: float, high: float):
+    """A finite number in [low, high]: `.nan` compares false with every bound and `.inf` passes any
+    lower bound, so without the isfinite check `conf_thres: .nan` would publish a sheet with no boxes
+    and `max_ratio: .inf` would switch the zip-bomb guard off."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise _fail(road, key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise _fail(road, key, f"must be in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+    if not math.isfinite(value):
+        raise _fail(road, key, f"must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    if not low <= value <= high:
+        raise _fail(road, key, f"must be in [{low:g}, {high:g}], got {value!r}")
     return kind(value)
 
 
@@ -179,14 +244,14 @@ def validate_road(raw: dict) -> RoadConfig:
     _check_keys(road, "ingest.", ing, INGEST_KEYS)
     base = IngestLimits()
 
-    def limit(key: str, kind: type, low: float, high: float | None = None):
+    def limit(key: str, kind: type, low: float, high: float):
         return _number(road, f"ingest.{key}", ing.get(key, getattr(base, key)), kind, low, high)
 
     limits = IngestLimits(
-        max_member_bytes=limit("max_member_bytes", int, 1),
-        max_total_bytes=limit("max_total_bytes", int, 1),
-        max_ratio=limit("max_ratio", float, 1),
-        max_members=limit("max_members", int, 1),
+        max_member_bytes=limit("max_member_bytes", int, 1, 2**40),
+        max_total_bytes=limit("max_total_bytes", int, 1, 2**50),
+        max_ratio=limit("max_ratio", float, 1, 1e6),
+        max_members=limit("max_members", int, 1, 10**8),
         workers=limit("workers", int, 1, 256),
     )
 
@@ -221,7 +286,7 @@ def validate_road(raw: dict) -> RoadConfig:
         conf_thres=_number(road, "detect.conf_thres", det.get("conf_thres", 0.25), float, 0, 1),
         iou_thres=_number(road, "detect.iou_thres", det.get("iou_thres", 0.45), float, 0, 1),
         imgsz=_number(road, "detect.imgsz", det.get("imgsz", 640), int, 32, 8192),
-        max_det=_number(road, "detect.max_det", det.get("max_det", 1000), int, 1),
+        max_det=_number(road, "detect.max_det", det.get("max_det", 1000), int, 1, 100_000),
         batch_size=_number(road, "detect.batch_size", det.get("batch_size", 16), int, 1, 1024),
         shards=_number(road, "detect.shards", det.get("shards", 1), int, 1, 256),
     )
@@ -246,4 +311,7 @@ def load_road(path: str | Path, road_id: str) -> RoadConfig:
         raise ConfigError(f"{path}: road {road_id!r} not found (roads: {ids})")
     if len(matches) > 1:
         raise ConfigError(f"{path}: road {road_id!r} defined {len(matches)} times")
-    return validate_road(matches[0])
+    try:
+        return validate_road(matches[0])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
