@@ -70,3 +70,53 @@ def test_output_hygiene_error_line_never_carries_a_control_character(tmp_path):
     assert not any(c in proc.stderr for c in "\x1b\r")
     [line] = proc.stderr.splitlines()
     assert line.startswith("answersheet: error: ") and r"\x1b[2J\x1b[31mroads\r\nanswersheet: ok.yaml" in line
+
+
+def test_hygiene_endpoint_userinfo_is_redacted(tmp_path):
+    """Credentials embedded in AWS_ENDPOINT_URL (http://key:secret@host) never reach the terminal: botocore
+    repeats the URL in its connection error, and in its DEBUG request lines."""
+    secret = "pa55w0rd-in-the-url"
+    env = {"AWS_ENDPOINT_URL": f"http://urlkey:{secret}@127.0.0.1:{closed_port()}", "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-printed", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    for level in ("INFO", "DEBUG"):
+        proc = cli("--log-level", level, "ingest", "--road", ROAD, "--date", DAY.isoformat(),
+                   "--config", str(ROADS_FILE), env=env)
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("answersheet: error: s3://answersheet/raw/daewang_pangyo/20261102/") and "***@" in last
+        assert secret not in proc.stderr + proc.stdout, level
+        assert "urlkey" not in proc.stderr + proc.stdout, level
+        assert "s3cr3t-never-printed" not in proc.stderr + proc.stdout, level
+
+
+def test_hygiene_malformed_endpoint_is_one_line():
+    env = {"AWS_ENDPOINT_URL": "http://k:pw-in-url@[::1", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = cli("ingest", "--road", ROAD, "--date", DAY.isoformat(), "--config", str(ROADS_FILE), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("answersheet: error: S3 client for bucket 'answersheet'")
+    assert "pw-in-url" not in proc.stderr
+
+
+def _config_error(config: str) -> str:
+    proc = cli("ingest", "--road", ROAD, "--date", DAY.isoformat(), "--config", config)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # nothing else printed: one line
+    return lines[0]
+
+
+def test_item6_config_errors_are_one_line_via_the_cli(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))
+    cp949 = tmp_path / "cp949.yaml"
+    cp949.write_bytes(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False).encode("cp949"))
+    assert _config_error(str(cp949)).startswith(f"answersheet: error: {cp949}: line ")
+    assert _config_error(str(tmp_path)) == f"answersheet: error: {tmp_path}: is a directory, not a roads file"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("roads:\n  - id: x\n   name: y\n", encoding="utf-8")
+    assert _config_error(str(bad)).startswith(f"answersheet: error: {bad}: line 3, column ")
+    nan = write_roads_file(tmp_path / "nan.yaml", "answersheet", detect={"conf_thres": float("nan")})
+    assert _config_error(str(nan)) == (f"answersheet: error: {nan}: road '{ROAD}': key 'detect.conf_thres': "
+                                       "must be a finite number in [0, 1], got nan")

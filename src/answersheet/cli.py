@@ -21,6 +21,7 @@ from answersheet.errors import AnswersheetError, printable
 log = logging.getLogger("answersheet")
 
 STAGES = ("ingest", "detect", "preprocess", "datasheet")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -118,14 +119,25 @@ def _road_day(args: argparse.Namespace):
     return RoadDay(road=road, day=day, store=Store(args.bucket or road.bucket), force=args.force)
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Strip URL userinfo (credentials in AWS_ENDPOINT_URL) from every formatted log line, tracebacks
+    included: botocore's DEBUG lines and the exceptions it logs repeat the request URL."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from answersheet.storage import redact
+
+        return redact(super().format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
     try:
         if args.command == "export-onnx":
             print(json.dumps(_export_onnx(args)))
@@ -146,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, ensure_ascii=False))
         return 0
     except AnswersheetError as exc:
-        print(f"answersheet: error: {printable(str(exc))}", file=sys.stderr)  # one line, no terminal control
+        from answersheet.storage import redact
+
+        print(f"answersheet: error: {printable(redact(str(exc)))}", file=sys.stderr)  # one line, no terminal control
         return 1
     except KeyboardInterrupt:
         print("answersheet: interrupted", file=sys.stderr)

@@ -1,11 +1,16 @@
 """S3/MinIO access through boto3. Endpoint and credentials come from the environment only
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as boto3 reads them; they are never logged."""
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as boto3 reads them; they are never logged.
+
+An endpoint URL may carry credentials as userinfo (`http://key:secret@host`); botocore repeats the URL
+in its connection errors, so every message built here goes through `redact` first.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -18,6 +23,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from answersheet.errors import AnswersheetError
 
 log = logging.getLogger(__name__)
+
+# scheme://userinfo@ — userinfo is everything up to the last '@' before the host (a password may hold '@')
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s\"'<>]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URL in it replaced by `***` (credentials never printed)."""
+    return _USERINFO_RE.sub(r"\1***@", text)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -44,15 +57,19 @@ class Store:
 
     def __init__(self, bucket: str, client: Any = None, max_pool_connections: int = 32) -> None:
         self.bucket = bucket
-        self.client = client or boto3.client(
-            "s3",
-            config=Config(
-                retries={"max_attempts": 5, "mode": "standard"},
-                max_pool_connections=max_pool_connections,
-                connect_timeout=10,
-                read_timeout=60,
-            ),
-        )
+        try:
+            self.client = client or boto3.client(
+                "s3",
+                config=Config(
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    max_pool_connections=max_pool_connections,
+                    connect_timeout=10,
+                    read_timeout=60,
+                ),
+            )
+        except (BotoCoreError, ValueError) as exc:  # e.g. "Invalid endpoint: <AWS_ENDPOINT_URL>"
+            raise AnswersheetError(f"S3 client for bucket {bucket!r}: bad S3 settings in the environment "
+                                   f"(AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, …): {redact(str(exc))}") from None
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -61,8 +78,8 @@ class Store:
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "?")
             msg = exc.response.get("Error", {}).get("Message", "")
-            return AnswersheetError(f"{self.uri(key)}: {action} failed: {code} {msg}".rstrip())
-        return AnswersheetError(f"{self.uri(key)}: {action} failed: S3 unreachable or broken ({exc})")
+            return AnswersheetError(redact(f"{self.uri(key)}: {action} failed: {code} {msg}".rstrip()))
+        return AnswersheetError(redact(f"{self.uri(key)}: {action} failed: S3 unreachable or broken ({exc})"))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         """All objects under prefix (paginated ListObjectsV2), sorted by key."""
@@ -104,17 +121,30 @@ class Store:
         except (BotoCoreError, ClientError) as exc:
             raise self._error(key, exc, "download") from None
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        """Write one object whole; returns its sha256."""
+    def head_metadata(self, key: str) -> dict[str, str] | None:
+        """The object's user metadata (x-amz-meta-*, lowercase keys), or None if there is no object."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            return dict(self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata") or {})
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise self._error(key, exc, "head") from None
+        except BotoCoreError as exc:
+            raise self._error(key, exc, "head") from None
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream",
+            metadata: dict[str, str] | None = None) -> str:
+        """Write one object whole (with optional x-amz-meta-* metadata); returns its sha256."""
+        extra = {"Metadata": metadata} if metadata else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **extra)
         except (BotoCoreError, ClientError) as exc:
             raise self._error(key, exc, "write") from None
         return sha256_bytes(data)
 
-    def put_json(self, key: str, obj: Any) -> str:
+    def put_json(self, key: str, obj: Any, metadata: dict[str, str] | None = None) -> str:
         data = (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-        return self.put(key, data, "application/json")
+        return self.put(key, data, "application/json", metadata)
 
     def copy(self, src_key: str, dst_key: str) -> None:
         try:
