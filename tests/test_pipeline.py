@@ -7,8 +7,10 @@ import csv
 import hashlib
 import io
 import json
+import zipfile
 
 import pytest
+import yaml
 from conftest import DAY, REAL_WEIGHTS, ROAD, write_roads_file
 
 from answersheet.cli import main
@@ -155,3 +157,137 @@ def test_preprocess_names_a_missing_detect_shard(store, tmp_path, photos, detect
     err = capsys.readouterr().err
     assert "detect/manifest-000-of-001.json: missing" in err
     assert store.get_json(LAYOUT.preprocess_manifest) is None
+
+
+def summary(capsys) -> dict:
+    """The JSON summary `answersheet run` printed last."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_item1_stale_labels_are_refused_after_a_reingest(done_day, photos, capsys):
+    """New photos under the same names, then ingest, preprocess and datasheet without detect: the old
+    photos' labels must not be paired with the new images. One line names the stage to re-run; nothing
+    is (re)published; after detect the chain goes through."""
+    store, roads = done_day
+    published = sheet_objects(store)
+    new = build_day_archives(ROAD, DAY, CAMERAS, N_SETS, list(reversed(photos)), short_sets=SHORT)
+    upload_day(store, ROAD, DAY, new)
+    capsys.readouterr()
+    assert run(roads, "ingest") == [0]
+    assert run(roads, "preprocess") == [1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"answersheet: error: {store.uri(LAYOUT.detect_manifest(0, 1))} was built from an "
+                              "older ingest (outputs "), err[-1]
+    assert err[-1].endswith("re-run detect for this day")
+    assert run(roads, "datasheet") == [1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"answersheet: error: {store.uri(LAYOUT.preprocess_manifest)} was built from an "
+                              "older ingest"), err[-1]
+    assert err[-1].endswith("re-run detect and preprocess for this day")
+    assert sheet_objects(store) == published  # nothing published
+    assert run(roads, "detect", "preprocess", "datasheet") == [0, 0, 0]
+    after = sheet_objects(store)
+    images = {o.key.rsplit("/", 1)[-1]: store.get(o.key) for o in store.list(LAYOUT.ingest_images)}
+    assert {k[len("images/"):]: v for k, v in after.items() if k.startswith("images/")} == images
+    assert any(after[k] != published[k] for k in after if k.startswith("images/"))
+
+
+def test_item2_deleted_outputs_are_restored(done_day, capsys):
+    """Delete one object of the published sheet and one intermediate label: a re-run restores both,
+    byte-identical, instead of skipping on manifests that list them."""
+    store, roads = done_day
+    published = sheet_objects(store)
+    work = {o.key: store.get(o.key) for o in store.list(LAYOUT.work_prefix)}
+    label = next(k for k in work if k.startswith(LAYOUT.detect_labels))
+    sheet_label = next(k for k in published if k.startswith("labels/"))
+    store.delete([label, LAYOUT.out_prefix + sheet_label])
+    capsys.readouterr()
+    assert run(roads, "run") == [0]
+    skipped = {stage: s["skipped"] for stage, s in summary(capsys).items()}
+    assert skipped == {"ingest": True, "detect": False, "preprocess": True, "datasheet": False}
+    assert {o.key: store.get(o.key) for o in store.list(LAYOUT.work_prefix) if not o.key.endswith(".json")} == {
+        k: v for k, v in work.items() if not k.endswith(".json")}
+    after = sheet_objects(store)
+    assert set(after) == set(published)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {
+        k: v for k, v in published.items() if k != "manifest.json"}
+    # a replaced object (same key, other bytes) is caught too
+    store.put(LAYOUT.out_prefix + sheet_label, b"0 0.5 0.5 0.1 0.1\n", "text/plain")
+    assert run(roads, "datasheet") == [0]
+    assert summary(capsys)["skipped"] is False
+    assert store.get(LAYOUT.out_prefix + sheet_label) == published[sheet_label]
+
+
+def test_item9_rejected_member_invents_no_set(store, tmp_path, photos, detect_overrides):
+    """A member rejected for its path names a set no accepted image has: under `fill` that set gets no
+    placeholder labels and is not counted; the rejection is still listed."""
+    roads = make_day(store, tmp_path, photos, detect_overrides)  # policy fill (the shipped default)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(f"../{ROAD}_20261102_095959_front.jpg", photos[0].read_bytes())
+    store.put(LAYOUT.raw_prefix + "zz-slip.zip", buf.getvalue(), "application/zip")
+    assert run(roads, "run") == [0]
+    objs = sheet_objects(store)
+    assert not [k for k in objs if "_095959_" in k]
+    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 6
+    pre = store.get_json(LAYOUT.preprocess_manifest)
+    assert pre["counts"]["sets"] == N_SETS and f"{ROAD}_20261102_095959" not in pre["short_sets"]
+    rows = list(csv.DictReader(io.StringIO(objs["datasheet.csv"].decode("utf-8-sig"))))
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["set_id"] == "" and "unsafe path" in rejected[0]["note"]
+
+
+def test_item9_set_without_a_usable_image_is_reported_not_filled(store, tmp_path, photos, detect_overrides):
+    """Every image of one set fails in detect (its bytes changed after ingest): the set is reported in
+    `unusable_sets`, and gets no placeholder labels."""
+    roads = make_day(store, tmp_path, photos, {**detect_overrides, "cameras": "all"})
+    assert run(roads, "ingest") == [0]
+    victim = f"{ROAD}_20261102_090000"
+    for cam in CAMERAS:
+        store.put(f"{LAYOUT.ingest_images}{victim}_{cam}.jpg", photos[-1].read_bytes(), "image/jpeg")
+    assert run(roads, "detect", "preprocess", "datasheet") == [0, 0, 0]
+    pre = store.get_json(LAYOUT.preprocess_manifest)
+    assert pre["unusable_sets"] == [victim] and victim not in pre["short_sets"]
+    objs = sheet_objects(store)
+    assert not [k for k in objs if k.startswith(f"labels/{victim}_")]
+    assert store.get_json(LAYOUT.out_manifest)["unusable_sets"] == [victim]
+    assert "Sets without a usable image (1)" in objs["report.html"].decode()
+
+
+def test_item8_rejections_are_counted_not_listed(store, tmp_path, photos, detect_overrides):
+    """Many junk members: the datasheet and report list the first REJECTIONS_LISTED and count the rest per
+    kind; every rejection stays in the ingest manifest."""
+    from answersheet.preprocess import REJECTIONS_LISTED
+
+    junk = 3 * REJECTIONS_LISTED
+    roads = make_day(store, tmp_path, photos, detect_overrides)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(junk):
+            zf.writestr(f"junk/{i:05d}.txt", b"x")
+    store.put(LAYOUT.raw_prefix + "junk.zip", buf.getvalue(), "application/zip")
+    assert run(roads, "run") == [0]
+    assert len(store.get_json(LAYOUT.ingest_manifest)["rejections"]) == junk
+    objs = sheet_objects(store)
+    rows = list(csv.DictReader(io.StringIO(objs["datasheet.csv"].decode("utf-8-sig"))))
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == REJECTIONS_LISTED + 1
+    assert rejected[-1]["note"].startswith(f"{junk - REJECTIONS_LISTED} more rejected member(s) not listed here: "
+                                           "bad image name (every rejection is in s3://")
+    assert len(rows) == N_SETS * 6 + REJECTIONS_LISTED + 1
+    page = objs["report.html"].decode()
+    assert f"<h2>Rejected ({junk})</h2>" in page and "<td>bad image name</td><td>150</td>" in page
+    assert page.count("junk/") == REJECTIONS_LISTED
+    pre = store.get_json(LAYOUT.preprocess_manifest)
+    assert pre["counts"]["rejected"] == junk and pre["rejections"]["by_kind"] == {"bad image name": junk}
+
+
+def test_hygiene_changing_conf_thres_reruns_detect_not_ingest(done_day, capsys):
+    store, roads = done_day
+    doc = yaml.safe_load(roads.read_text(encoding="utf-8"))
+    doc["roads"][0]["detect"]["conf_thres"] = 0.5 if doc["roads"][0]["detect"].get("conf_thres") != 0.5 else 0.6
+    roads.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    capsys.readouterr()
+    assert run(roads, "run") == [0]
+    skipped = {stage: s["skipped"] for stage, s in summary(capsys).items()}
+    assert skipped == {"ingest": True, "detect": False, "preprocess": False, "datasheet": False}

@@ -379,7 +379,7 @@ def detect_day(
     if not device.startswith("cuda"):
         batch_size = min(batch_size, CPU_MAX_BATCH)
     model_digest = [settings.sha256, settings.onnx_sha256 if backend == "onnx" else None]
-    digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(), model_digest,
+    digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(STAGE), model_digest,
                                     shard_index, shard_count, backend, device.split(":")[0])
     existing = manifest.current(store, key, digest, rd.force)
     if existing is not None:
@@ -420,6 +420,7 @@ def detect_day(
     model = {**engine.model, "imgsz": imgsz, "batch_size": run.batch_size}
     manifest.commit(
         store, key, STAGE, digest, run.outputs, counts, started, shard=shard_index, shards=shard_count,
+        upstream=manifest.upstream({layout.ingest_manifest: ingest}),
         model=model, images=dict(sorted(run.images.items())), failed=sorted(run.failed, key=lambda f: f["name"]),
     )
     if run.failed:

@@ -418,7 +418,7 @@ def ingest_day(rd: RoadDay) -> dict:
     archives = [o for o in objects if o.key.lower().endswith(".zip")]
     limits = {k: v for k, v in dataclasses.asdict(rd.road.ingest).items() if k != "workers"}
     digest = manifest.inputs_digest(
-        STAGE, [[o.key, o.etag, o.size] for o in objects], rd.road.digest(), limits
+        STAGE, [[o.key, o.etag, o.size] for o in objects], rd.road.digest(STAGE), limits
     )
     existing = manifest.current(store, layout.ingest_manifest, digest, rd.force)
     if existing is not None:

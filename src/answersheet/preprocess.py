@@ -1,9 +1,18 @@
-"""preprocess: pair every image with a label, write empty labels, check sets against the policy."""
+"""preprocess: pair every image with a label, write empty labels, check sets against the policy.
+
+Sets come only from accepted images: a member rejected at ingest (say `../<road>_<ymd>_090000_front.jpg`)
+never creates a set, and a set none of whose images is usable (all failed in detect) is reported in
+`unusable_sets`, never filled with placeholders. Rejections are summarised: the manifest carries the
+count per kind and the first REJECTIONS_LISTED of them as rows; the full list stays in the ingest
+manifest. (A day with 200k junk members made a 93 MB preprocess manifest, a 70 MB datasheet.csv and a
+43 MB report at 791 MiB peak in preprocess before this; see BENCHMARKS.md.)
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from typing import Any
 
 from answersheet import manifest
@@ -15,10 +24,20 @@ from answersheet.storage import run_bounded, sha256_bytes
 log = logging.getLogger(__name__)
 
 EMPTY_SHA256 = sha256_bytes(b"")
+REJECTIONS_LISTED = 50  # ingest rejections shown one by one (manifest rows, datasheet, report)
+_QUOTED_RE = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
-def _detect_manifests(rd: RoadDay) -> list[dict]:
-    """Every shard's detect manifest for the configured shard count, or an error naming the missing ones."""
+def rejection_kind(reason: str) -> str:
+    """What a rejection reason says without its particulars (names, sizes), to count rejections per kind:
+    'bad image name: name does not match …: 'junk1'' -> 'bad image name'."""
+    head = _QUOTED_RE.sub("…", str(reason).split(": ", 1)[0])
+    return " ".join(re.sub(r"\d+", "N", head).split()) or "other"
+
+
+def _detect_manifests(rd: RoadDay) -> dict[str, dict]:
+    """Every shard's detect manifest (key -> manifest) for the configured shard count, or an error
+    naming the missing ones."""
     n = rd.road.detect.shards
     keys = [rd.layout.detect_manifest(i, n) for i in range(n)]
     found = {k: rd.store.get_json(k) for k in keys}
@@ -28,17 +47,20 @@ def _detect_manifests(rd: RoadDay) -> list[dict]:
             f"{rd.store.uri(missing[0])}: missing — detect shard(s) "
             f"{[keys.index(k) for k in missing]} of {n} have not finished for this day"
         )
-    return [found[k] for k in keys]
+    return {k: found[k] for k in keys}
 
 
-def _rejected_row(rd: RoadDay, rej: dict) -> dict[str, Any]:
+def _rejected_row(rd: RoadDay, rej: dict, sets: set[str]) -> dict[str, Any]:
+    """A datasheet row for a member rejected at ingest; it names a set only if accepted images made one."""
     member = rej.get("member") or ""
     base = member.replace("\\", "/").rsplit("/", 1)[-1]
+    set_id, camera, when = "", "", ""
     try:
         name = parse_image_name(base, rd.road.id, rd.day, rd.road.cameras)
-        set_id, camera, when = name.set_id, name.camera, name.capture_time
+        if name.set_id in sets:
+            set_id, camera, when = name.set_id, name.camera, name.capture_time
     except BadImageName:
-        set_id, camera, when = "", "", ""
+        pass
     return {
         "name": base or rej["object"].rsplit("/", 1)[-1], "set_id": set_id, "camera": camera,
         "capture_time": when, "status": "rejected", "selected": False, "image_key": None, "image_sha256": None,
@@ -51,10 +73,13 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     """Pair images and labels, write empty labels, apply the short-set policy; returns counts."""
     lay, store, road = rd.layout, rd.store, rd.road
     ingest = manifest.require(store, lay.ingest_manifest, "ingest")
-    detects = _detect_manifests(rd)
+    detect_by_key = _detect_manifests(rd)
+    for key, d in detect_by_key.items():  # the digest chain: labels of the images ingest holds now
+        manifest.check_upstream(store, key, d, expect=[lay.ingest_manifest], known={lay.ingest_manifest: ingest})
+    detects = list(detect_by_key.values())
     digest = manifest.inputs_digest(
-        "preprocess", ingest["outputs_digest"], [d["outputs_digest"] for d in detects],
-        [d.get("inputs_digest") for d in detects], road.digest(),
+        "preprocess", ingest["outputs_digest"], ingest.get("inputs_digest"), [d["outputs_digest"] for d in detects],
+        [d.get("inputs_digest") for d in detects], road.digest("preprocess"), REJECTIONS_LISTED,
     )
     done = manifest.current(store, lay.preprocess_manifest, digest, rd.force)
     if done:
@@ -104,22 +129,44 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
             row.update(status="empty", label_key=key, label_sha256=EMPTY_SHA256,
                        note="" if img["selected"] else "camera not sent to the detector")
         rows.append(row)
-    rows.extend(_rejected_row(rd, rej) for rej in ingest.get("rejections", []))
 
-    # Sets: every set needs one usable image per expected camera.
-    present: dict[str, set[str]] = defaultdict(set)
+    # Sets: defined by accepted images only; each needs one usable image per expected camera.
+    usable: dict[str, set[str]] = defaultdict(set)
     for row in rows:
-        if row["set_id"]:
-            present.setdefault(row["set_id"], set())
-            if row["status"] != "rejected":
-                present[row["set_id"]].add(row["camera"])
-    short = {s: [c for c in road.cameras if c not in cams] for s, cams in sorted(present.items())}
+        usable.setdefault(row["set_id"], set())
+        if row["status"] != "rejected":
+            usable[row["set_id"]].add(row["camera"])
+    unusable = sorted(s for s, cams in usable.items() if not cams)
+    short = {s: [c for c in road.cameras if c not in cams] for s, cams in sorted(usable.items()) if cams}
     short = {s: missing for s, missing in short.items() if missing}
-    if short and road.short_set_policy == "fail":
-        listed = "; ".join(f"{s} missing {m}" for s, m in list(short.items())[:10])
+    for row in rows:
+        if row["set_id"] in unusable:
+            row["note"] += " (set has no usable image: reported, not filled)"
+    if (short or unusable) and road.short_set_policy == "fail":
+        listed = "; ".join([f"{s} has no usable image" for s in unusable[:10]]
+                           + [f"{s} missing {m}" for s, m in list(short.items())[:10]])
         raise AnswersheetError(
-            f"{store.uri(lay.raw_prefix)}: {len(short)} short set(s) under short_set_policy=fail: {listed}"
+            f"{store.uri(lay.raw_prefix)}: {len(short) + len(unusable)} short set(s) under "
+            f"short_set_policy=fail: {listed}"
         )
+
+    # Rejected members: counted per kind; the first REJECTIONS_LISTED get rows (all are in the ingest manifest).
+    ingest_rejections = ingest.get("rejections", [])
+    by_kind = Counter(rejection_kind(r.get("reason", "")) for r in ingest_rejections)
+    by_kind.update(f"detect: {rejection_kind(reason)}" for reason in failed.values())
+    sets = set(usable)
+    rows.extend(_rejected_row(rd, rej, sets) for rej in ingest_rejections[:REJECTIONS_LISTED])
+    listed_kinds = Counter(rejection_kind(r.get("reason", "")) for r in ingest_rejections[:REJECTIONS_LISTED])
+    ranked = sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0]))
+    rejections = {
+        "total": len(ingest_rejections) + len(failed), "ingest": len(ingest_rejections), "detect": len(failed),
+        "listed": min(len(ingest_rejections), REJECTIONS_LISTED),
+        "by_kind": dict(ranked),
+        "unlisted_by_kind": {k: n - listed_kinds.get(k, 0) for k, n in ranked
+                             if not k.startswith("detect: ") and n > listed_kinds.get(k, 0)},
+        "full_list": store.uri(lay.ingest_manifest),
+    }
+
     for set_id, missing in short.items():
         hhmmss = set_id.rsplit("_", 1)[-1]
         for cam in missing:
@@ -147,18 +194,22 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     for row in rows:
         for cls, n in row["per_class"].items():
             per_class[cls] += n
-    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "missing", "rejected")}
+    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "missing")}
     counts = {
-        "images": sum(r["image_key"] is not None for r in rows), **status_counts,
-        "sets": len(present), "short_sets": len(short), "boxes": sum(r["boxes"] for r in rows),
+        "images": sum(r["image_key"] is not None for r in rows), **status_counts, "rejected": rejections["total"],
+        "sets": len(usable), "short_sets": len(short), "unusable_sets": len(unusable),
+        "boxes": sum(r["boxes"] for r in rows),
         "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
     }
     manifest.commit(
         store, lay.preprocess_manifest, "preprocess", digest, {k: EMPTY_SHA256 for k in empty_labels}, counts,
-        started, rows=rows, short_sets=short, policy=road.short_set_policy, model=detects[0].get("model", {}),
+        started, upstream=manifest.upstream({lay.ingest_manifest: ingest, **detect_by_key}), rows=rows,
+        short_sets=short, unusable_sets=unusable, rejections=rejections, policy=road.short_set_policy,
+        model=detects[0].get("model", {}),
         timings={"ingest": ingest.get("seconds"), "detect": max((d.get("seconds") or 0) for d in detects)},
     )
-    log.info("preprocess: %d images, %d detected, %d empty, %d short set(s) (policy %s)", counts["images"],
-             counts["detected"], counts["empty"], counts["short_sets"], road.short_set_policy)
+    log.info("preprocess: %d images, %d detected, %d empty, %d short set(s), %d set(s) without a usable image, "
+             "%d rejection(s) (policy %s)", counts["images"], counts["detected"], counts["empty"],
+             counts["short_sets"], len(unusable), rejections["total"], road.short_set_policy)
     return {"manifest": store.uri(lay.preprocess_manifest), "counts": counts, "skipped": False}
 

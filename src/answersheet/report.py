@@ -50,9 +50,17 @@ def pick_samples(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]
     return sorted(with_boxes, key=lambda r: (-r["boxes"], r["name"]))[:n]
 
 
+REJECTED_ROWS = 50  # rejected rows shown one by one; the rest are counted per kind
+
+
 def render_html(title: str, counts: dict[str, Any], per_class: dict[str, int], short_sets: dict[str, list[str]],
-                rejected: Sequence[dict[str, Any]], samples: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """The report page (no timestamps: re-runs give the same bytes)."""
+                rejected: Sequence[dict[str, Any]], samples: Sequence[tuple[str, dict[str, Any]]],
+                rejections: dict[str, Any] | None = None, unusable_sets: Sequence[str] = ()) -> str:
+    """The report page (no timestamps: re-runs give the same bytes).
+
+    Rejections are a table of counts per kind plus the first REJECTED_ROWS rows: one row per rejected
+    member made a 43 MB page for a day with 200k junk members.
+    """
     e = html.escape
 
     def table(head: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
@@ -70,7 +78,10 @@ def render_html(title: str, counts: dict[str, Any], per_class: dict[str, int], s
         "<h2>Boxes per class</h2>", table(["class", "boxes"], sorted(per_class.items(), key=lambda kv: -kv[1])),
         f"<h2>Short sets ({len(short_sets)})</h2>",
         table(["set", "missing cameras"], [[s, ", ".join(m)] for s, m in short_sets.items()]),
-        f"<h2>Rejected ({len(rejected)})</h2>", table(["name", "reason"], [[r["name"], r["note"]] for r in rejected]),
+        *([f"<h2>Sets without a usable image ({len(unusable_sets)})</h2>",
+           "<p>Reported, not filled with placeholder labels.</p>", table(["set"], [[s] for s in unusable_sets])]
+          if unusable_sets else []),
+        *_rejected_section(table, rejected, rejections or {}),
         f"<h2>Samples ({len(samples)} images with the most boxes)</h2>",
     ]
     for src, row in samples:
@@ -78,3 +89,19 @@ def render_html(title: str, counts: dict[str, Any], per_class: dict[str, int], s
                      f"<figcaption>{e(row['name'])} — {row['boxes']} boxes</figcaption></figure>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _rejected_section(table, rejected: Sequence[dict[str, Any]], rejections: dict[str, Any]) -> list[str]:
+    """Counts per kind, the first REJECTED_ROWS rejected rows, and where the rest are listed."""
+    e = html.escape
+    total = rejections.get("total", len(rejected))
+    parts = [f"<h2>Rejected ({total})</h2>"]
+    if rejections.get("by_kind"):
+        parts.append(table(["kind", "count"], list(rejections["by_kind"].items())))
+    shown = list(rejected[:REJECTED_ROWS])
+    parts.append(table(["name", "reason"], [[r["name"], r["note"]] for r in shown]))
+    if total > len(shown):
+        where = rejections.get("full_list", "the ingest manifest")
+        parts.append(f"<p>{total - len(shown)} more not listed here: every ingest rejection is in {e(where)}, "
+                     "every detect failure in the detect manifests.</p>")
+    return parts
