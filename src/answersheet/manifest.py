@@ -7,8 +7,9 @@ This module owns the whole protocol, so every stage behaves the same:
 - `current`: ...but only when its outputs are verifiably still there: one paginated listing of the
   prefix they live under, every key present with the size and ETag recorded at commit. A deleted or
   replaced object makes the stage redo its work (and so restore it) instead of skipping.
-- `commit`: writes the manifest last with `outputs` (key -> sha256), `stored` (key -> [size, ETag],
-  from one listing taken right after the outputs were written, which also proves they all landed),
+- `commit`: writes the manifest last with `outputs` (key -> sha256), `stored` ([size, ETag] of each
+  output in key order — no second copy of 200k keys — from one listing taken right after the outputs
+  were written, which also proves they all landed),
   `upstream` (each upstream manifest read and the `outputs_digest` it had), and the outputs digest
   as S3 metadata, so a downstream check is one HEAD, not a GET of a manifest that can be 40 MB.
 - `check_upstream`: the digest chain. A stage refuses an upstream manifest that was built from
@@ -64,15 +65,15 @@ def missing_outputs(store: Store, existing: Mapping[str, Any]) -> list[str]:
     is 200 list pages). A manifest without the record (written before it existed) counts as unverifiable:
     all its outputs are reported, so the stage redoes them.
     """
-    outputs = existing.get("outputs") or {}
+    keys = sorted(existing.get("outputs") or {})
     stored = existing.get("stored")
-    if not outputs:
+    if not keys:
         return []
-    if not isinstance(stored, dict) or set(stored) != set(outputs):
-        return sorted(outputs)
-    prefix = existing.get("listing_prefix") or _listing_prefix(list(stored))
+    if not isinstance(stored, list) or len(stored) != len(keys):
+        return keys
+    prefix = existing.get("listing_prefix") or _listing_prefix(keys)
     listed = {o.key: [o.size, o.etag] for o in store.list(prefix)}
-    return [k for k, want in sorted(stored.items()) if listed.get(k) != list(want)]
+    return [k for k, want in zip(keys, stored, strict=True) if listed.get(k) != list(want)]
 
 
 def current(store: Store, key: str, digest: str, force: bool) -> dict | None:
@@ -176,7 +177,7 @@ def commit(store: Store, key: str, stage: str, digest: str, outputs: dict[str, s
         "outputs_digest": done_digest,
         "outputs": dict(sorted(outputs.items())),
         "listing_prefix": prefix,
-        "stored": {k: listed[k] for k in sorted(outputs)},
+        "stored": [listed[k] for k in sorted(outputs)],
         "upstream": upstream or [],
         "counts": counts,
         "seconds": round(time.monotonic() - started, 3),
