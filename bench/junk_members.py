@@ -3,8 +3,8 @@
 Measures what the rejections cost downstream of ingest: the size of the preprocess manifest, the
 answer sheet's datasheet.csv and report.html, and the peak RSS of the preprocess and datasheet stages
 (each run as its own `answersheet` process; peak RSS from GNU time's %M, so the bench process's own
-memory is not inherited through fork). Runs against moto's S3
-server on 127.0.0.1; the stages are the real CLI, so the same script measures any checkout:
+memory is not inherited through fork). Runs against a local SeaweedFS (answersheet.dev.s3server); the
+stages are the real CLI, so the same script measures any checkout:
 
     PYTHONPATH=src ANSWERSHEET_WEIGHTS=../shared/models/yolov5n.pt \
         .venv/bin/python bench/junk_members.py [--junk 200000]
@@ -61,24 +61,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--junk", type=int, default=200_000)
     args = parser.parse_args()
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
+    from answersheet.dev.s3server import S3Server
     from answersheet.sample_day import sample_photos
     from answersheet.storage import Store
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
-    store = Store("bench-junk")
-    store.client.create_bucket(Bucket=store.bucket)
     weights = Path(os.environ.get("ANSWERSHEET_WEIGHTS", REPO.parent / "shared/models/yolov5n.pt"))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, S3Server(Path(tmp) / "s3") as server:
+        env = {**os.environ, **server.env()}
+        os.environ.update(env)
+        store = Store("bench-junk")
+        store.client.create_bucket(Bucket=store.bucket)
         doc = yaml.safe_load((REPO / "dags/roads.yaml").read_text(encoding="utf-8"))
         doc["roads"][0].update(bucket=store.bucket)
         doc["roads"][0]["detect"] = {**doc["roads"][0].get("detect", {}), "weights": str(weights),
@@ -99,7 +91,6 @@ def main() -> int:
                 if o.key.endswith(".json")}
         result["bytes"] = {**{f"answersheet/{k}": v for k, v in sizes.items()},
                            **{f"work/{k}": v for k, v in work.items()}}
-    server.stop()
     print(json.dumps(result, indent=1))
     return 0
 
