@@ -4,8 +4,8 @@ Sets come only from accepted images: a member rejected at ingest (say `../<road>
 never creates a set, and a set none of whose images is usable (all failed in detect) is reported in
 `unusable_sets`, never filled with placeholders. Rejections are summarised: the manifest carries the
 count per kind and the first REJECTIONS_LISTED of them as rows; the full list stays in the ingest
-manifest. (A day with 200k junk members made a 93 MB preprocess manifest, a 70 MB datasheet.csv and a
-43 MB report at 791 MiB peak in preprocess before this; see BENCHMARKS.md.)
+manifest. (A day with 200k junk members made a 90 MB preprocess manifest, a 67 MB datasheet.csv and a
+38 MB report at 791 MiB peak in preprocess before this; 30 KB, 21 KB, 11 KB at 243 MiB after: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ _QUOTED_RE = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 def rejection_kind(reason: str) -> str:
     """What a rejection reason says without its particulars (names, sizes), to count rejections per kind:
-    'bad image name: name does not match …: 'junk1'' -> 'bad image name'."""
+    'corrupt JPEG: OSError: …' -> 'corrupt JPEG'. For detect failures, and ingest records without a `kind`."""
     head = _QUOTED_RE.sub("…", str(reason).split(": ", 1)[0])
     return " ".join(re.sub(r"\d+", "N", head).split()) or "other"
+
+
+def _ingest_kind(rejection: dict) -> str:
+    """The kind ingest recorded (`bad_name`, `unsafe_path`, …), else one derived from the reason."""
+    return str(rejection.get("kind") or rejection_kind(rejection.get("reason", "")))
 
 
 def _detect_manifests(rd: RoadDay) -> dict[str, dict]:
@@ -152,11 +157,11 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
 
     # Rejected members: counted per kind; the first REJECTIONS_LISTED get rows (all are in the ingest manifest).
     ingest_rejections = ingest.get("rejections", [])
-    by_kind = Counter(rejection_kind(r.get("reason", "")) for r in ingest_rejections)
+    by_kind = Counter(_ingest_kind(r) for r in ingest_rejections)
     by_kind.update(f"detect: {rejection_kind(reason)}" for reason in failed.values())
     sets = set(usable)
     rows.extend(_rejected_row(rd, rej, sets) for rej in ingest_rejections[:REJECTIONS_LISTED])
-    listed_kinds = Counter(rejection_kind(r.get("reason", "")) for r in ingest_rejections[:REJECTIONS_LISTED])
+    listed_kinds = Counter(_ingest_kind(r) for r in ingest_rejections[:REJECTIONS_LISTED])
     ranked = sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0]))
     rejections = {
         "total": len(ingest_rejections) + len(failed), "ingest": len(ingest_rejections), "detect": len(failed),
