@@ -138,3 +138,89 @@ def test_fp16_inference_as_on_cuda_agrees_with_fp32(photos):
     agree = agreement(texts[0], texts[1])
     assert agree.reference_boxes > 20
     assert agree.matched_share >= 0.95, agree
+
+
+# -- item 4: odd JPEGs --------------------------------------------------------------------------------
+
+def _jpeg(im, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _patch_sof(data: bytes, marker: int | None = None, bits: int | None = None,
+               size: tuple[int, int] | None = None) -> bytes:
+    """The same JPEG with its baseline frame header (FFC0) changed: another SOF type, precision or size."""
+    i = data.index(b"\xff\xc0")
+    out = bytearray(data)
+    if marker is not None:
+        out[i + 1] = marker
+    if bits is not None:
+        out[i + 4] = bits
+    if size is not None:
+        out[i + 5 : i + 9] = size[1].to_bytes(2, "big") + size[0].to_bytes(2, "big")
+    return bytes(out)
+
+
+def odd_jpegs(photo) -> dict[str, bytes]:
+    """JPEG oddities made from a real photo: extreme shapes, colour models, encodings, orientation, headers.
+
+    Neither Pillow nor OpenCV writes 12- or 16-bit JPEGs, so those are the photo's bytes with the frame
+    header claiming 12-bit extended (SOF1) and 16-bit lossless (SOF3) precision; `claims_65000x65000`
+    claims a 4.2-gigapixel frame in a few kB (12.7 GB once decoded).
+    """
+    from PIL import Image
+
+    with Image.open(photo) as src:
+        rgb = src.convert("RGB")
+    small = rgb.resize((320, 180))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    return {
+        "1x1": _jpeg(rgb.resize((1, 1))),
+        "8x60000": _jpeg(rgb.resize((8, 60000))),
+        "60000x8": _jpeg(rgb.resize((60000, 8))),
+        "cmyk": _jpeg(small.convert("CMYK")),
+        "grayscale": _jpeg(small.convert("L")),
+        "progressive": _jpeg(small, progressive=True),
+        "exif_rotated": _jpeg(small, exif=exif),
+        "claims_12bit": _patch_sof(_jpeg(small), marker=0xC1, bits=12),
+        "claims_16bit_lossless": _patch_sof(_jpeg(small), marker=0xC3, bits=16),
+        "claims_65000x65000": _patch_sof(_jpeg(small), size=(65000, 65000)),
+    }
+
+
+# what `yolov5 detect` (and so detect) must make of each: decoded like cv2.imread, or refused with this reason
+ODD_REFUSED = {
+    "8x60000": "too thin to letterbox",
+    "60000x8": "too thin to letterbox",
+    "claims_12bit": "corrupt JPEG",
+    "claims_16bit_lossless": "corrupt JPEG",
+    "claims_65000x65000": "above the decode limit",
+}
+
+
+def test_item4_odd_jpegs_decode_like_yolov5_loadimages_or_fail_with_one_line(photos, tmp_path):
+    """yolov5 detect reads files with LoadImages (cv2.imread: EXIF orientation applied, CMYK and grey to
+    BGR); ours decodes the bytes with cv2.imdecode, which must give the same pixels and the same
+    letterboxed input — and whatever yolov5 would crash on is a BadImage with a one-line reason."""
+    from yolov5.utils.dataloaders import LoadImages
+
+    for name, data in odd_jpegs(photos[0]).items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        if name in ODD_REFUSED:
+            with pytest.raises(inference.BadImage) as caught:
+                inference.prepare(name, data, 640, 32)
+            reason = str(caught.value)
+            assert ODD_REFUSED[name] in reason and "\n" not in reason, (name, reason)
+            continue
+        ours = inference.prepare(name, data, 640, 32)
+        _, im, im0, _, _ = next(iter(LoadImages(str(path), img_size=640, stride=32, auto=True)))
+        np.testing.assert_array_equal(inference.decode_bgr(data), im0, err_msg=name)
+        np.testing.assert_array_equal(ours.chw, im, err_msg=name)
+        assert ours.shape0 == im0.shape[:2]
+    rotated = inference.decode_bgr(odd_jpegs(photos[0])["exif_rotated"])
+    assert rotated.shape[:2] == (320, 180), "EXIF orientation 6 turns the 320x180 photo upright"

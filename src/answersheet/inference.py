@@ -60,8 +60,40 @@ class Prepared:
         return self.chw.shape[1], self.chw.shape[2]
 
 
+# Decoded pixels above this are refused before decoding: Pillow's decompression-bomb error threshold, the
+# same limit ingest's JPEG check applies. A JPEG header may claim up to 65535x65535 px (12 GB as BGR) in a
+# few MB of data, and detect decodes several images at once (one per reader thread).
+MAX_PIXELS = 2 * 89_478_485
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame (not DHT, JPG, DAC)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the JPEG's start-of-frame header, or None when no frame header is found."""
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:  # extraneous bytes before a marker: libjpeg skips them (with a warning), so do we
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
 def decode_bgr(data: bytes) -> np.ndarray:
-    """Decode a JPEG as `yolov5 detect` reads files (cv2.imdecode, BGR); BadImage if not a whole JPEG."""
+    """Decode a JPEG as `yolov5 detect` reads files (cv2.imread: BGR, EXIF orientation applied — imdecode
+    applies it too); BadImage if not a whole JPEG or too large to decode safely."""
     import cv2
 
     if not data.startswith(JPEG_MAGIC):
@@ -69,10 +101,23 @@ def decode_bgr(data: bytes) -> np.ndarray:
     # libjpeg fills a truncated image with grey and only warns, so check the end-of-image marker first.
     if data.rfind(EOI, max(0, len(data) - EOI_WINDOW)) < 2:
         raise BadImage("truncated JPEG: no end-of-image marker (FFD9)")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    size = jpeg_size(data)  # None: no frame header found; OpenCV then refuses it (or finds one we did not)
+    if size and size[0] * size[1] > MAX_PIXELS:
+        raise BadImage(f"JPEG of {size[0]}x{size[1]} px ({size[0] * size[1] / 1e6:.0f} MP) is above the decode "
+                       f"limit of {MAX_PIXELS / 1e6:.0f} MP")
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise BadImage(f"corrupt JPEG: OpenCV could not decode it ({_first_line(exc)})") from None
     if bgr is None:
         raise BadImage("corrupt JPEG: OpenCV could not decode it")
     return bgr
+
+
+def _first_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's text (OpenCV puts the useful part there), shortened."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 MAX_WH = 7680  # yolov5: class offset for batched NMS (maximum box width/height)
@@ -86,6 +131,9 @@ def letterbox(im: np.ndarray, new_shape: tuple[int, int], stride: int, color=(11
     shape = im.shape[:2]  # current shape [height, width]
     r = min(new_shape[0] / shape[0], new_shape[1] / shape[1])
     new_unpad = int(round(shape[1] * r)), int(round(shape[0] * r))
+    if min(new_unpad) < 1:  # cv2.resize would fail an assertion; `yolov5 detect` dies on such an image
+        raise BadImage(f"image of {shape[1]}x{shape[0]} px is too thin to letterbox: it scales to "
+                       f"{new_unpad[0]}x{new_unpad[1]} px at imgsz {max(new_shape)}")
     dw, dh = new_shape[1] - new_unpad[0], new_shape[0] - new_unpad[1]  # wh padding
     dw, dh = np.mod(dw, stride), np.mod(dh, stride)  # auto: minimum rectangle
     dw /= 2  # divide padding into 2 sides
@@ -310,6 +358,7 @@ class OnnxBackend:
             raise AnswersheetError(f"{self.path}: expected one NCHW image input, got {[i.shape for i in inputs]}")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
         self.stride = int(meta.get("stride", 32))
         self.names = _parse_names(meta.get("names"))
         out_shape = outputs[0].shape
