@@ -206,6 +206,55 @@ def test_corrupt_and_changed_images_mid_batch_are_reported_and_skipped(tiny_day,
     assert_agree(ref, labels(store))  # the other images of the batch keep their labels
 
 
+def add_images(store: Store, images: dict[str, bytes], camera: str = "side1") -> list[dict]:
+    """Put images into the day's ingest output and its manifest (selected), as if ingest had let them through:
+    detect must survive whatever any ingest version accepts. Named between the day's 7-second sets."""
+    from answersheet.naming import ImageName
+
+    ingest = store.get_json(LAYOUT.ingest_manifest)
+    seconds = [s for s in range(60) if s % 7]  # the day's sets are 7 s apart from 09:00:00
+    added = []
+    for i, data in enumerate(images.values()):
+        parsed = ImageName(ROAD, f"{DAY:%Y%m%d}", f"0900{seconds[i]:02d}", camera)
+        name = parsed.filename
+        entry = {"name": name, "key": LAYOUT.ingest_images + name, "sha256": hashlib.sha256(data).hexdigest(),
+                 "size": len(data), "set_id": parsed.set_id, "camera": camera,
+                 "capture_time": parsed.capture_time, "selected": True, "archive": f"{camera}.zip"}
+        store.put(entry["key"], data, "image/jpeg")
+        ingest["images"].append(entry)
+        added.append(entry)
+    store.put_json(LAYOUT.ingest_manifest, ingest)
+    return added
+
+
+def test_item4_odd_images_fail_alone_and_the_day_goes_on(tiny_day, tiny_copy, photos, capsys):
+    """Extreme shapes, CMYK/grey/progressive/EXIF-rotated and 12/16-bit or gigapixel header claims, mixed
+    into the day's batches: each gets labels (or none) or a one-line `failed` entry, and every other image
+    keeps its labels. Before: the 60000x8 image ended the stage with an OpenCV assertion traceback."""
+    from test_detect_inference import ODD_REFUSED, odd_jpegs
+
+    store, roads = tiny_copy
+    odd = odd_jpegs(BUS if BUS.is_file() else photos[0])
+    added = dict(zip(odd, add_images(store, odd), strict=True))
+    assert detect_cli(roads, "--batch-size", "4") == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    m = detect_manifest(store)
+    failed = {f["name"]: f["reason"] for f in m["failed"]}
+    for kind, entry in added.items():
+        name = entry["name"]
+        if kind in ODD_REFUSED:
+            assert ODD_REFUSED[kind] in failed[name] and "\n" not in failed[name], (kind, failed.get(name))
+            assert name not in m["images"]
+        else:
+            assert name in m["images"] and name not in failed, (kind, failed.get(name))
+    assert len(failed) == len(ODD_REFUSED) == m["counts"]["failed"]
+    assert m["counts"]["images"] == 2 * N_SETS + len(odd)
+    ours = labels(store)
+    assert_agree(tiny_day["labels"], {k: v for k, v in ours.items() if k + ".jpg" not in
+                                      {e["name"] for e in added.values()}})
+
+
 def test_out_of_memory_halves_the_batch_and_keeps_the_labels(tiny_day, tiny_copy, monkeypatch, caplog):
     store, roads = tiny_copy
     monkeypatch.setenv("ANSWERSHEET_DETECT_OOM_ABOVE", "1")
@@ -271,13 +320,210 @@ def test_export_onnx_to_a_local_file_writes_the_sha256_beside_it(tiny_weights, t
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_auto_backend_on_cpu_derives_onnx_from_the_weights(tiny_day, tiny_copy):
-    store, roads = tiny_copy
-    assert detect_cli(roads, "--backend", "auto") == 0
-    m = detect_manifest(store)
-    assert (m["model"]["backend"], m["model"]["device"]) == ("onnx", "cpu")
-    assert m["model"]["onnx"] == "derived from weights"
+# -- item 7: the model identity ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
+    """(path, sha256) of the tiny weights exported by `export-onnx` to a local file."""
+    from answersheet.onnx_export import export_onnx
+
+    path, sha = tiny_weights
+    out = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
+    result = export_onnx(str(path), out=str(out), sha256=sha)
+    return out, result["onnx_sha256"]
+
+
+@pytest.fixture(scope="session")
+def other_weights(tmp_path_factory) -> tuple[Path, str]:
+    """Other tiny weights (seed 1): a valid checkpoint that the tiny ONNX was not exported from."""
+    from answersheet.model import save_random_checkpoint
+
+    path = tmp_path_factory.mktemp("other-weights") / "other.pt"
+    return path, save_random_checkpoint(path, cfg="yolov5n.yaml", nc=80, width_multiple=0.125, seed=1)
+
+
+def onnx_roads(path: Path, store: Store, weights: str, sha: str, onnx: Path, onnx_sha: str) -> Path:
+    return write_roads_file(path, store.bucket, cameras=list(CAMERAS),
+                            detect={"weights": weights, "sha256": sha, "onnx": str(onnx), "onnx_sha256": onnx_sha,
+                                    "backend": "onnx", "batch_size": 4, **TINY})
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("answersheet: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_item7_export_onnx_writes_the_weights_digest_into_the_onnx(tiny_onnx, tiny_weights):
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tiny_onnx[0])).metadata_props}
+    assert meta["source_sha256"] == tiny_weights[1] and meta["producer"] == "answersheet export-onnx"
+
+
+def test_item7_onnx_of_other_weights_is_refused_in_one_line_and_nothing_is_written(
+        tiny_copy, tiny_onnx, tiny_weights, other_weights, tmp_path, capsys):
+    """detect.onnx (its own sha256 right) exported from the tiny weights, but detect.weights/sha256 name other,
+    valid weights: before, the run committed labels under the other weights' digest."""
+    store, _ = tiny_copy
+    onnx_path, onnx_sha = tiny_onnx
+    roads = onnx_roads(tmp_path / "roads.yaml", store, str(other_weights[0]), other_weights[1], onnx_path, onnx_sha)
+    assert detect_cli(roads) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"answersheet: error: {onnx_path}: exported from weights with sha256 {tiny_weights[1]}, but "
+                    f"detect.sha256 is {other_weights[1]} (a stale detect.sha256, or an ONNX file of other weights)")
+    assert nothing_written(store)
+
+
+def test_item7_wrong_detect_sha256_with_onnx_is_refused_and_nothing_is_written(tiny_copy, tiny_onnx, tmp_path,
+                                                                                  capsys, tiny_weights):
+    store, _ = tiny_copy
+    roads = onnx_roads(tmp_path / "roads.yaml", store, str(tiny_weights[0]), "a" * 64, *tiny_onnx)
+    assert detect_cli(roads) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{tiny_weights[0]}: sha256 mismatch" in line and "a" * 64 in line and tiny_weights[1] in line
+    assert nothing_written(store)
+
+
+def test_item7_missing_weights_with_onnx_is_refused(tiny_copy, tiny_onnx, tiny_weights, tmp_path, capsys):
+    store, _ = tiny_copy
+    missing = f"s3://{store.bucket}/models/missing.pt"
+    roads = onnx_roads(tmp_path / "roads.yaml", store, missing, tiny_weights[1], *tiny_onnx)
+    assert detect_cli(roads) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"answersheet: error: {missing}: ")
+    assert nothing_written(store)
+
+
+def test_item7_onnx_without_a_weights_digest_is_refused(tiny_copy, tiny_onnx, tiny_weights, tmp_path, capsys):
+    """An ONNX file made elsewhere (yolov5's own export.py) says nothing about its weights: refused, with the
+    command that makes one that does."""
+    import onnx
+
+    store, _ = tiny_copy
+    proto = onnx.load(str(tiny_onnx[0]))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "source_sha256"]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    roads = onnx_roads(tmp_path / "roads.yaml", store, str(tiny_weights[0]), tiny_weights[1], bare,
+                       hashlib.sha256(bare.read_bytes()).hexdigest())
+    assert detect_cli(roads) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{bare}: no source_sha256 in its metadata" in line and "answersheet export-onnx" in line
+    assert nothing_written(store)
+
+
+def test_item7_manifest_lineage_with_onnx_names_both_verified_digests(tiny_day, tiny_copy, tiny_onnx, tmp_path):
+    store, _ = tiny_copy
+    roads = onnx_roads(tmp_path / "roads.yaml", store, tiny_day["weights"], tiny_day["sha"], *tiny_onnx)
+    assert detect_cli(roads) == 0
+    model = detect_manifest(store)["model"]
+    assert (model["weights"], model["sha256"]) == (tiny_day["weights"], tiny_day["sha"])
+    assert (model["onnx"], model["onnx_sha256"]) == (str(tiny_onnx[0]), tiny_onnx[1])
     assert_agree(tiny_day["labels"], labels(store))
+
+
+# -- section 4: the shipped default on CPU (backend auto, no detect.onnx) -------------------------------
+
+def cache_objects(store: Store) -> dict[str, bytes]:
+    from answersheet.layout import ONNX_CACHE_PREFIX
+
+    return {o.key: store.get(o.key) for o in store.list(ONNX_CACHE_PREFIX)}
+
+
+def auto_roads(path: Path, store: Store, tiny_day: dict) -> Path:
+    """The shipped roads file with the tiny weights: backend auto, no detect.onnx."""
+    return write_roads_file(path, store.bucket, cameras=list(CAMERAS),
+                            detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "batch_size": 4,
+                                    **TINY})
+
+
+def test_fast_default_exports_once_into_the_bucket_cache_then_reads_it(tiny_day, tiny_copy, tmp_path):
+    from answersheet.layout import onnx_cache_key
+    from answersheet.onnx_export import OPSET, export_settings_hash
+
+    store, _ = tiny_copy
+    roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
+    key = onnx_cache_key(tiny_day["sha"], OPSET, export_settings_hash(TINY["imgsz"]))
+    assert detect_cli(roads) == 0
+    cold = detect_manifest(store)
+    first = labels(store)
+    assert (cold["model"]["backend"], cold["model"]["device"]) == ("onnx", "cpu")
+    assert cold["model"]["onnx_cache"] == "miss: exported and cached"
+    assert cold["model"]["onnx"] == store.uri(key)
+    cached = cache_objects(store)
+    assert set(cached) == {key, key + ".sha256"}
+    digest = hashlib.sha256(cached[key]).hexdigest()
+    assert cold["model"]["onnx_sha256"] == digest and cold["model"]["sha256"] == tiny_day["sha"]
+    assert cached[key + ".sha256"].decode() == f"{digest}  {key.rsplit('/', 1)[1]}\n"
+    head = store.client.head_object(Bucket=store.bucket, Key=key)["Metadata"]
+    assert head == {"sha256": digest, "source-sha256": tiny_day["sha"]}
+    assert_agree(tiny_day["labels"], first)
+    # Warm: the entry is read (and verified), nothing exported; byte-identical labels.
+    assert detect_cli(roads, "--force") == 0
+    warm = detect_manifest(store)
+    assert warm["model"]["onnx_cache"] == "hit" and warm["model"]["onnx_sha256"] == digest
+    assert labels(store) == first and cache_objects(store) == cached
+
+
+def test_fast_default_corrupt_cache_entry_is_detected_and_replaced(tiny_day, tiny_copy, tmp_path, caplog):
+    store, _ = tiny_copy
+    roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
+    assert detect_cli(roads) == 0
+    key, good = next((k, v) for k, v in cache_objects(store).items() if k.endswith(".onnx"))
+    meta = store.client.head_object(Bucket=store.bucket, Key=key)["Metadata"]
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF  # one bit-rotted byte, the recorded digest unchanged
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(flipped), Metadata=meta)
+    assert detect_cli(roads, "--force") == 0
+    assert (f"ONNX cache entry {store.uri(key)} is bad (corrupt: its bytes have sha256 "
+            f"{hashlib.sha256(flipped).hexdigest()}, its metadata says {meta['sha256']})") in caplog.text
+    m = detect_manifest(store)
+    assert m["model"]["onnx_cache"] == "miss: exported and cached"
+    assert cache_objects(store)[key] == good, "the entry is replaced by a fresh (identical) export"
+    assert_agree(tiny_day["labels"], labels(store))
+
+
+def test_fast_default_two_shards_racing_share_one_cache_entry(tiny_day, tiny_copy, tmp_path):
+    """Two shard processes start together on a cold cache (as two pods would): one entry, both shards use
+    its bytes, and the union of their labels is the day's."""
+    store, _ = tiny_copy
+    roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
+    cmd = [str(VENV_BIN / "answersheet"), "detect", "--road", ROAD, "--date", DAY.isoformat(), "--config",
+           str(roads), "--shard-count", "2", "--shard-index"]
+    procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    models = [detect_manifest(store, i, 2)["model"] for i in range(2)]
+    cached = cache_objects(store)
+    key = next(k for k in cached if k.endswith(".onnx"))
+    assert len(cached) == 2 and models[0]["onnx"] == models[1]["onnx"] == store.uri(key)
+    assert models[0]["onnx_sha256"] == models[1]["onnx_sha256"] == hashlib.sha256(cached[key]).hexdigest()
+    assert {m["onnx_cache"] for m in models} <= {"hit", "miss: exported and cached",
+                                                 "miss: exported, cached by another run first"}
+    assert_agree(tiny_day["labels"], labels(store))
+
+
+def test_fast_default_a_second_writer_gets_the_first_writers_entry(tiny_day, store, tmp_path):
+    """The race, deterministically: the entry appears between this run's miss and its write (another shard
+    won). The conditional PUT is refused and this run uses — and verifies — the bytes the bucket holds."""
+    from answersheet.layout import onnx_cache_key
+    from answersheet.onnx_export import OPSET, _publish, export_settings_hash
+
+    key = onnx_cache_key(tiny_day["sha"], OPSET, export_settings_hash(320))
+    theirs, ours = b"their export", tmp_path / "ours.onnx"
+    ours.write_bytes(b"our export")
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=theirs,
+                            Metadata={"sha256": hashlib.sha256(theirs).hexdigest(), "source-sha256": tiny_day["sha"]})
+    got = _publish(store, key, ours, hashlib.sha256(b"our export").hexdigest(), tiny_day["sha"],
+                   tmp_path / "used.onnx", replace=False)
+    assert got.cache == "miss: exported, cached by another run first"
+    assert got.sha256 == hashlib.sha256(theirs).hexdigest() and got.path.read_bytes() == theirs
+    assert store.get(key) == theirs
 
 
 # -- bad models: clear errors, nothing written -------------------------------------------------------

@@ -22,18 +22,30 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from answersheet import manifest
 from answersheet.config import DetectSettings
 from answersheet.day import RoadDay
 from answersheet.errors import AnswersheetError
 from answersheet.inference import BadImage, BatchTooLarge, Prepared, candidates, prepare
+from answersheet.onnx_export import export_settings_hash
 from answersheet.progress import Progress
 from answersheet.storage import Store, sha256_bytes
 
@@ -96,6 +108,82 @@ class Failure:
     name: str
     key: str
     reason: str
+    retryable: bool = False  # a read that kept failing in transit: a later run (without --force) redoes the shard
+
+    def entry(self) -> dict:
+        out = {"name": self.name, "key": self.key, "reason": self.reason}
+        return {**out, "retryable": True} if self.retryable else out
+
+
+# An image GET whose body arrives truncated, cut off, or not matching the ingest manifest's sha256 is
+# retried this many times in all, sleeping GET_BACKOFF_S, 2x, 4x ... between tries (botocore's own
+# retries cover errors before the body: connection refused, 5xx, throttling).
+GET_ATTEMPTS = 4
+GET_BACKOFF_S = 0.25
+_BODY_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ConnectionClosedError,
+                FlexibleChecksumError)
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "502",
+                              "503", "504"})
+_MISSING_CODES = frozenset({"NoSuchKey", "404"})
+
+
+class _Transient(Exception):
+    """One GET of an image failed in a way a retry may fix."""
+
+
+class _ImageFailure(Exception):
+    """This image cannot be read; the others go on (`retryable`: it kept failing in transit)."""
+
+    def __init__(self, reason: str, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+def get_image(store: Store, key: str, sha256: str | None) -> tuple[bytes, int]:
+    """(bytes of one image, retries it took), its sha256 checked against the ingest manifest's.
+
+    A truncated, reset or checksum-failing body (or a sha256 mismatch) is retried up to GET_ATTEMPTS
+    times with exponential backoff; then _ImageFailure. A missing object is an _ImageFailure at once; S3
+    unreachable or access denied stays an AnswersheetError (the whole stage fails: every image would).
+    """
+    reason = ""
+    for attempt in range(GET_ATTEMPTS):
+        if attempt:
+            time.sleep(GET_BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            data = _get_once(store, key)
+        except _Transient as exc:
+            reason = str(exc)
+            continue
+        actual = sha256_bytes(data)
+        if not sha256 or actual == sha256:
+            return data, attempt
+        reason = f"content changed since ingest (sha256 {actual}, manifest {sha256})"
+    raise _ImageFailure(f"{reason} (after {GET_ATTEMPTS} reads)", retryable=not reason.startswith("content"))
+
+
+def _get_once(store: Store, key: str) -> bytes:
+    try:
+        return store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    except _BODY_ERRORS as exc:  # the type only: some botocore messages carry the endpoint URL
+        detail = f": {exc}" if isinstance(exc, IncompleteReadError) else ""
+        raise _Transient(f"read failed in transit ({type(exc).__name__}{detail})") from None
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "?"))
+        if code in _MISSING_CODES:
+            raise _ImageFailure(f"missing from S3 ({code}): deleted since ingest?") from None
+        if code in _TRANSIENT_CODES:
+            raise _Transient(f"read failed: {code}") from None
+        raise store._error(key, exc, "read") from None
+    except BotoCoreError as exc:
+        raise store._error(key, exc, "read") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` on one line, short: OpenCV's assertion texts span lines and name source files."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
 @dataclass
@@ -158,41 +246,66 @@ def resolve_engine(backend: str, device: str) -> tuple[str, str]:
     return backend, device
 
 
-def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str) -> Engine:
-    """Fetch and verify the model file(s), then build the backend; nothing is written to S3."""
+def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str,
+                store: Store | None = None) -> Engine:
+    """Fetch and verify the model file(s), then build the backend; no stage output is written.
+
+    The weights are always fetched and verified against detect.sha256 (yolov5n: 3.9 MB, ≈ 0.1 s), also
+    for the onnx backend, which runs detect.onnx verified against detect.onnx_sha256 — or, without
+    detect.onnx, the bucket's ONNX cache entry for detect.sha256 (exported once on a miss;
+    onnx_export.cached_export). Either ONNX file must carry `source_sha256` = detect.sha256 in its
+    metadata: so the lineage the manifest records (weights sha256 -> ONNX sha256) is always true.
+    """
     from answersheet.inference import OnnxBackend, TorchBackend
     from answersheet.model import fetch_verified, load_checkpoint
 
     model = {"weights": settings.weights, "sha256": settings.sha256, "backend": backend,
              "imgsz": settings.imgsz, "conf_thres": settings.conf_thres, "iou_thres": settings.iou_thres,
              "max_det": settings.max_det}
+    weights_dir = Path(scratch) / "weights"  # apart from the ONNX file, which may have the same base name
+    weights_dir.mkdir(exist_ok=True)
+    weights = fetch_verified(settings.weights, settings.sha256, weights_dir, "detect.sha256")
     if backend == "torch":
-        loaded = load_checkpoint(fetch_verified(settings.weights, settings.sha256, scratch, "detect.sha256"))
+        loaded = load_checkpoint(weights)
         engine = TorchBackend(loaded, device)
         stride, names, streams = loaded.stride, loaded.names, 1
     else:
         if settings.onnx:
             onnx_path = fetch_verified(settings.onnx, settings.onnx_sha256, scratch, "detect.onnx_sha256")
             model.update(onnx=settings.onnx, onnx_sha256=settings.onnx_sha256)
+            source = settings.onnx
         else:
-            from answersheet.onnx_export import export_model
+            from answersheet.onnx_export import cached_export
 
-            weights = fetch_verified(settings.weights, settings.sha256, scratch, "detect.sha256")
-            onnx_path = os.path.join(scratch, "derived.onnx")
-            digest = export_model(weights, onnx_path, imgsz=settings.imgsz, source_sha256=settings.sha256)
-            log.info("no detect.onnx configured: exported the verified weights to ONNX (sha256 %s)", digest)
-            model.update(onnx="derived from weights", onnx_sha256=digest)
+            if store is None:
+                raise AnswersheetError("detect: no detect.onnx and no bucket for the ONNX cache")
+            cached = cached_export(store, weights, settings.sha256, settings.imgsz, scratch)
+            onnx_path, source = cached.path, cached.uri
+            model.update(onnx=cached.uri, onnx_sha256=cached.sha256, onnx_cache=cached.cache)
         # On CPU, one single-threaded ORT run per core beats one run over all cores (no intra-op sync,
         # no spinning): measured 47 vs 32 img/s for yolov5n on 2 cores (bench/detector.py).
         cpu = not device.startswith("cuda")
         streams = min(CPUS, 8) if cpu else 1
         engine = OnnxBackend(onnx_path, device, threads=1 if cpu else None, sessions=streams)
+        check_onnx_source(source, engine.metadata.get("source_sha256"), settings.sha256)
         stride, names = engine.stride, engine.names
     model["device"] = device
     model["providers"] = list(engine.providers)
     model["streams"] = streams
     return Engine(backend=engine, name=backend, device=device, stride=stride, names=names, model=model,
                   streams=streams)
+
+
+def check_onnx_source(onnx: str, source_sha256: str | None, sha256: str) -> None:
+    """Refuse an ONNX file not exported from the weights the road names (detect.sha256)."""
+    if not source_sha256:
+        raise AnswersheetError(
+            f"{onnx}: no source_sha256 in its metadata, so it cannot be checked against detect.sha256 {sha256}; "
+            "re-export it with `answersheet export-onnx --weights <weights> --sha256 <detect.sha256>`")
+    if source_sha256 != sha256:
+        raise AnswersheetError(
+            f"{onnx}: exported from weights with sha256 {source_sha256}, but detect.sha256 is {sha256} "
+            "(a stale detect.sha256, or an ONNX file of other weights)")
 
 
 def shard_images(ingest: dict, shard_index: int, shard_count: int) -> tuple[list[dict], list[dict]]:
@@ -215,19 +328,38 @@ class ShardRun:
     outputs: dict[str, str] = field(default_factory=dict)
     images: dict[str, dict] = field(default_factory=dict)
     failed: list[dict] = field(default_factory=list)
+    retries: dict[str, int] = field(default_factory=dict)  # image name -> extra GETs it took
+    keys: dict[str, str] = field(default_factory=dict)  # image name -> object key
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- readers ----------------------------------------------------------------------------------
     def read(self, image: dict) -> Prepared | Failure:
-        """GET, check against the ingest manifest's sha256, decode and letterbox one image."""
-        data = self.store.get(image["key"])
-        if image.get("sha256") and sha256_bytes(data) != image["sha256"]:
-            return Failure(image["name"], image["key"],
-                           f"content changed since ingest (sha256 {sha256_bytes(data)}, manifest {image['sha256']})")
+        """GET (retried, sha256-checked against the ingest manifest), decode and letterbox one image.
+
+        Whatever goes wrong with this one image becomes a Failure; only S3 errors that every image
+        would hit (unreachable, denied) end the stage.
+        """
+        name, key = image["name"], image["key"]
         try:
-            return prepare(image["name"], data, self.imgsz, self.engine.stride)
+            data, retries = get_image(self.store, key, image.get("sha256"))
+        except _ImageFailure as exc:
+            if exc.retryable:
+                self._count_retries(name, GET_ATTEMPTS - 1)
+            return Failure(name, key, str(exc), retryable=exc.retryable)
+        if retries:
+            self._count_retries(name, retries)
+            log.info("detect: %s read correctly after %d retr%s", self.store.uri(key), retries,
+                     "y" if retries == 1 else "ies")
+        try:
+            return prepare(name, data, self.imgsz, self.engine.stride)
         except BadImage as exc:
-            return Failure(image["name"], image["key"], str(exc))
+            return Failure(name, key, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd image must not end the day (OpenCV, numpy, memory)
+            return Failure(name, key, f"decode/letterbox failed: {_one_line(exc)}")
+
+    def _count_retries(self, name: str, n: int) -> None:
+        with self.lock:
+            self.retries[name] = self.retries.get(name, 0) + n
 
     # -- inference --------------------------------------------------------------------------------
     def infer(self, batch: list[Prepared]) -> list[tuple[list, list[np.ndarray]]]:
@@ -248,10 +380,23 @@ class ShardRun:
                     self.batch_size = min(self.batch_size, max(1, len(chunk) // 2))
                 log.warning("detect: %s — retrying with batches of %d", exc, self.batch_size)
                 continue
+            except Exception as exc:  # noqa: BLE001 - find the image that fails; the rest of the batch goes on
+                out.extend(self._infer_one_by_one(chunk, exc))
+                i += len(chunk)
+                continue
             del pred
             out.append(([(p.name, p.shape0, p.shape1) for p in chunk], cands))
             i += len(chunk)
         return out
+
+    def _infer_one_by_one(self, chunk: list[Prepared], exc: Exception) -> list[tuple[list, list[np.ndarray]]]:
+        """After a batch failed: each of its images alone; an image that fails alone goes to `failed`."""
+        if len(chunk) == 1:
+            p = chunk[0]
+            self.fail(Failure(p.name, self.keys.get(p.name, ""), f"inference failed: {_one_line(exc)}"))
+            return []
+        log.warning("detect: a batch of %d failed (%s): running its images one by one", len(chunk), _one_line(exc))
+        return [done for p in chunk for done in self.infer([p])]
 
     # -- writers ----------------------------------------------------------------------------------
     def finish(self, images: list[tuple[str, tuple[int, int], tuple[int, int]]], cands: list[np.ndarray]) -> None:
@@ -263,7 +408,11 @@ class ShardRun:
 
         s = self.settings
         for (name, shape0, shape1), rows in zip(images, cands, strict=True):
-            text, classes = label_text(nms(rows, s.conf_thres, s.iou_thres, s.max_det), shape1, shape0)
+            try:
+                text, classes = label_text(nms(rows, s.conf_thres, s.iou_thres, s.max_det), shape1, shape0)
+            except Exception as exc:  # noqa: BLE001 - one image's post-processing must not end the day
+                self.fail(Failure(name, self.keys.get(name, ""), f"NMS/labels failed: {_one_line(exc)}"))
+                continue
             key = None
             if text:
                 key = f"{self.labels_prefix}{name[: -len('.jpg')] if name.endswith('.jpg') else name}.txt"
@@ -278,7 +427,7 @@ class ShardRun:
     def fail(self, failure: Failure) -> None:
         log.warning("detect: skipping %s: %s", self.store.uri(failure.key), failure.reason)
         with self.lock:
-            self.failed.append({"name": failure.name, "key": failure.key, "reason": failure.reason})
+            self.failed.append(failure.entry())
         self.progress.advance()
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -296,6 +445,7 @@ class ShardRun:
         inferring: deque[Future] = deque()
         writes: deque[Future] = deque()
         source = iter(images)
+        self.keys.update((image["name"], image["key"]) for image in images)
 
         with ThreadPoolExecutor(readers, thread_name_prefix="detect-read") as read_pool, \
                 ThreadPoolExecutor(streams, thread_name_prefix="detect-infer") as infer_pool, \
@@ -378,15 +528,19 @@ def detect_day(
     backend, device = resolve_engine(backend, device or settings.device)
     if not device.startswith("cuda"):
         batch_size = min(batch_size, CPU_MAX_BATCH)
-    model_digest = [settings.sha256, settings.onnx_sha256 if backend == "onnx" else None]
+    model_digest = [settings.sha256, (settings.onnx_sha256 or export_settings_hash(settings.imgsz))
+                    if backend == "onnx" else None]
     digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(STAGE), model_digest,
                                     shard_index, shard_count, backend, device.split(":")[0])
     existing = manifest.current(store, key, digest, rd.force)
+    if existing is not None and any(f.get("retryable") for f in existing.get("failed", [])):
+        log.info("detect: %s lists images whose reads kept failing in transit: redoing the shard", store.uri(key))
+        existing = None
     if existing is not None:
         return _result(rd, key, existing.get("counts", {}), True, shard_index, shard_count)
 
     with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
-        engine = load_engine(settings, backend, device, scratch)
+        engine = load_engine(settings, backend, device, scratch, store)
         if len(engine.names) != len(rd.road.classes):
             raise AnswersheetError(
                 f"{settings.onnx if backend == 'onnx' and settings.onnx else settings.weights}: the model has "
@@ -416,12 +570,14 @@ def detect_day(
         "empty": sum(1 for r in run.images.values() if not r["label"]),
         "boxes": sum(r["boxes"] for r in run.images.values()),
         "failed": len(run.failed),
+        "retries": sum(run.retries.values()),  # extra GETs of images whose body was cut short or corrupt
     }
     model = {**engine.model, "imgsz": imgsz, "batch_size": run.batch_size}
     manifest.commit(
         store, key, STAGE, digest, run.outputs, counts, started, shard=shard_index, shards=shard_count,
         upstream=manifest.upstream({layout.ingest_manifest: ingest}),
         model=model, images=dict(sorted(run.images.items())), failed=sorted(run.failed, key=lambda f: f["name"]),
+        retries=dict(sorted(run.retries.items())),
     )
     if run.failed:
         log.warning("detect: %d image(s) failed (listed in the manifest), e.g. %s: %s",

@@ -68,6 +68,16 @@ class DayLayout:
         return f"{self.out_prefix}manifest.json"
 
 
+# Bucket-wide (not per road-day): ONNX exports of YOLOv5 weights, content-addressed, shared by every road
+# and day whose weights have that sha256 (see onnx_export.cached_export).
+ONNX_CACHE_PREFIX = "models/.onnx-cache/"
+
+
+def onnx_cache_key(weights_sha256: str, opset: int, settings_hash: str) -> str:
+    """The ONNX export of the weights with this sha256, at this opset and these export settings."""
+    return f"{ONNX_CACHE_PREFIX}{weights_sha256}-opset{opset}-{settings_hash}.onnx"
+
+
 def parse_day(value: str) -> dt.date:
     """The logical date as given on the command line (YYYY-MM-DD, or an ISO timestamp)."""
     try:
