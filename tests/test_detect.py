@@ -255,6 +255,52 @@ def test_item4_odd_images_fail_alone_and_the_day_goes_on(tiny_day, tiny_copy, ph
                                       {e["name"] for e in added.values()}})
 
 
+def selected_names(store: Store) -> list[str]:
+    return sorted(i["name"] for i in store.get_json(LAYOUT.ingest_manifest)["images"] if i["selected"])
+
+
+def test_item5_truncated_corrupt_and_reset_image_reads_are_retried_and_counted(tiny_day, tiny_copy, fault_proxy,
+                                                                                monkeypatch):
+    """Image GETs through the fault proxy: a body cut off mid-way, one with flipped bytes (twice) and a reset
+    connection. Before: the truncated body ended the stage. Now every image is labelled as in the reference
+    run, and the retries are in the manifest."""
+    store, roads = tiny_copy
+    names = selected_names(store)
+    fault_proxy.add("truncate", path_contains=names[3])
+    fault_proxy.add("corrupt", path_contains=names[7], times=2)
+    fault_proxy.add("reset", path_contains=names[11])  # before any response: botocore's own retry
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    assert detect_cli(roads) == 0
+    m = detect_manifest(store)
+    assert m["failed"] == []
+    assert m["retries"] == {names[3]: 1, names[7]: 2} and m["counts"]["retries"] == 3
+    assert m["images"] == tiny_day["manifest"]["images"]
+    assert_agree(tiny_day["labels"], labels(store))
+    gets = [path for method, path in fault_proxy.requests if method == "GET" and names[7] in path]
+    assert len(gets) == 3
+
+
+def test_item5_a_read_that_keeps_failing_is_a_retryable_failure_and_the_next_run_redoes_it(
+        tiny_day, tiny_copy, fault_proxy, monkeypatch):
+    from answersheet.detect import GET_ATTEMPTS
+
+    store, roads = tiny_copy
+    name = selected_names(store)[5]
+    fault_proxy.add("truncate", path_contains=name, times=GET_ATTEMPTS)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    assert detect_cli(roads) == 0
+    m = detect_manifest(store)
+    [failure] = m["failed"]
+    assert failure["name"] == name and failure["retryable"] is True
+    assert failure["reason"] == f"read failed in transit (ResponseStreamingError) (after {GET_ATTEMPTS} reads)"
+    assert m["retries"] == {name: GET_ATTEMPTS - 1} and len(m["images"]) == 2 * N_SETS - 1
+    # The day went on; a later run (no --force, the network healthy again) redoes the shard instead of skipping.
+    assert detect_cli(roads) == 0
+    m = detect_manifest(store)
+    assert m["failed"] == [] and m["retries"] == {} and m["images"] == tiny_day["manifest"]["images"]
+    assert_agree(tiny_day["labels"], labels(store))
+
+
 def test_out_of_memory_halves_the_batch_and_keeps_the_labels(tiny_day, tiny_copy, monkeypatch, caplog):
     store, roads = tiny_copy
     monkeypatch.setenv("ANSWERSHEET_DETECT_OOM_ABOVE", "1")
