@@ -370,12 +370,13 @@ def test_export_onnx_to_a_local_file_writes_the_sha256_beside_it(tiny_weights, t
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
-    """(path, sha256) of the tiny weights exported by `export-onnx` to a local file."""
+    """(path, sha256) of the tiny weights exported by `export-onnx` to a local file (traced at the tiny
+    roads' imgsz, so it is also byte for byte what the ONNX cache holds for them)."""
     from answersheet.onnx_export import export_onnx
 
     path, sha = tiny_weights
     out = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
-    result = export_onnx(str(path), out=str(out), sha256=sha)
+    result = export_onnx(str(path), out=str(out), imgsz=TINY["imgsz"], sha256=sha)
     return out, result["onnx_sha256"]
 
 
@@ -515,21 +516,26 @@ def test_fast_default_exports_once_into_the_bucket_cache_then_reads_it(tiny_day,
     assert labels(store) == first and cache_objects(store) == cached
 
 
-def test_fast_default_corrupt_cache_entry_is_detected_and_replaced(tiny_day, tiny_copy, tmp_path, caplog):
+def test_fast_default_corrupt_cache_entry_is_detected_and_replaced(tiny_day, tiny_copy, tiny_onnx, tmp_path, caplog):
+    """A cache entry with one bit-rotted byte (its recorded digest unchanged) is refused on read, exported
+    again and replaced — with the bytes `export-onnx` makes for the same weights and settings (deterministic)."""
+    from answersheet.layout import onnx_cache_key
+    from answersheet.onnx_export import OPSET, export_settings_hash
+
     store, _ = tiny_copy
     roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
-    assert detect_cli(roads) == 0
-    key, good = next((k, v) for k, v in cache_objects(store).items() if k.endswith(".onnx"))
-    meta = store.client.head_object(Bucket=store.bucket, Key=key)["Metadata"]
+    key = onnx_cache_key(tiny_day["sha"], OPSET, export_settings_hash(TINY["imgsz"]))
+    good = tiny_onnx[0].read_bytes()
     flipped = bytearray(good)
-    flipped[len(flipped) // 2] ^= 0xFF  # one bit-rotted byte, the recorded digest unchanged
+    flipped[len(flipped) // 2] ^= 0xFF
+    meta = {"sha256": tiny_onnx[1], "source-sha256": tiny_day["sha"]}
     store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(flipped), Metadata=meta)
-    assert detect_cli(roads, "--force") == 0
+    assert detect_cli(roads) == 0
     assert (f"ONNX cache entry {store.uri(key)} is bad (corrupt: its bytes have sha256 "
-            f"{hashlib.sha256(flipped).hexdigest()}, its metadata says {meta['sha256']})") in caplog.text
+            f"{hashlib.sha256(flipped).hexdigest()}, its metadata says {tiny_onnx[1]})") in caplog.text
     m = detect_manifest(store)
-    assert m["model"]["onnx_cache"] == "miss: exported and cached"
-    assert cache_objects(store)[key] == good, "the entry is replaced by a fresh (identical) export"
+    assert m["model"]["onnx_cache"] == "miss: exported and cached" and m["model"]["onnx_sha256"] == tiny_onnx[1]
+    assert cache_objects(store)[key] == good
     assert_agree(tiny_day["labels"], labels(store))
 
 
