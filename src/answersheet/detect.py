@@ -43,7 +43,7 @@ from botocore.exceptions import (
 from answersheet import manifest
 from answersheet.config import DetectSettings
 from answersheet.day import RoadDay
-from answersheet.errors import AnswersheetError
+from answersheet.errors import AnswersheetError, printable
 from answersheet.inference import BadImage, BatchTooLarge, Prepared, candidates, prepare
 from answersheet.onnx_export import export_settings_hash
 from answersheet.progress import Progress
@@ -111,7 +111,7 @@ class Failure:
     retryable: bool = False  # a read that kept failing in transit: a later run (without --force) redoes the shard
 
     def entry(self) -> dict:
-        out = {"name": self.name, "key": self.key, "reason": self.reason}
+        out = {"name": self.name, "key": self.key, "reason": printable(self.reason)}
         return {**out, "retryable": True} if self.retryable else out
 
 
@@ -425,7 +425,7 @@ class ShardRun:
             self.progress.advance()
 
     def fail(self, failure: Failure) -> None:
-        log.warning("detect: skipping %s: %s", self.store.uri(failure.key), failure.reason)
+        log.warning("detect: skipping %s: %s", self.store.uri(failure.key), printable(failure.reason))
         with self.lock:
             self.failed.append(failure.entry())
         self.progress.advance()
