@@ -2,16 +2,19 @@
 
 Inputs: the ingest manifest (images with `selected: true`, sorted by name; image i belongs to shard
 i % shard_count) and a YOLOv5 checkpoint (local path or s3:// URI) verified against `detect.sha256`
-— or, for the `onnx` backend, `detect.onnx` verified against `detect.onnx_sha256` (without one the
-ONNX graph is derived from the verified checkpoint in a scratch directory).
+— and, for the `onnx` backend, `detect.onnx` verified against `detect.onnx_sha256`, or without one the
+bucket's ONNX cache entry for those weights (exported once, then reused by every run and shard). An
+ONNX file must say (metadata `source_sha256`) that it was exported from `detect.sha256`'s weights.
 
 The shard streams through a bounded pipeline, so memory stays flat in the number of images:
 reader threads GET + sha256-check + decode + letterbox (cv2 releases the GIL), the main thread
 stacks same-shape images into batches, inference threads run them (one stream on CUDA; on CPU one
 single-threaded ONNX Runtime run per core), writer threads run NMS, format the labels and PUT
-them. A CUDA out-of-memory halves the batch and retries. An image that is not a
-whole JPEG (or whose bytes no longer match the ingest manifest) goes to the manifest's `failed`
-list; the other images of its batch are kept. Labels are byte-identical to `yolov5 detect --save-txt`.
+them. A CUDA out-of-memory halves the batch and retries. One image never ends the day: a GET cut
+short or failing a checksum is retried; an image that still cannot be read, is not a whole JPEG, no
+longer matches the ingest manifest, or fails to decode, letterbox, infer or post-process goes to the
+manifest's `failed` list with a one-line reason, and the other images of its batch are kept. Labels
+are byte-identical to `yolov5 detect --save-txt`.
 """
 
 from __future__ import annotations
