@@ -224,3 +224,17 @@ def test_item4_odd_jpegs_decode_like_yolov5_loadimages_or_fail_with_one_line(pho
         assert ours.shape0 == im0.shape[:2]
     rotated = inference.decode_bgr(odd_jpegs(photos[0])["exif_rotated"])
     assert rotated.shape[:2] == (320, 180), "EXIF orientation 6 turns the 320x180 photo upright"
+
+
+def test_onnx_providers_ask_for_tensorrt_only_when_its_library_loads():
+    """The GPU wheel lists TensorRT even where libnvinfer is absent (as in the detector image): asking for it
+    first logged an error on every GPU session. CUDA then CPU otherwise; CPU devices never get GPU providers."""
+    gpu_wheel = {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"}
+    names = lambda ps: [p[0] if isinstance(p, tuple) else p for p in ps]  # noqa: E731
+    assert names(inference.onnx_providers("cuda:1", gpu_wheel, tensorrt=False)) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert names(inference.onnx_providers("cuda", gpu_wheel, tensorrt=True)) == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert inference.onnx_providers("cuda:1", gpu_wheel, tensorrt=False)[0][1] == {"device_id": "1"}
+    assert inference.onnx_providers("cpu", gpu_wheel, tensorrt=True) == ["CPUExecutionProvider"]
+    assert names(inference.onnx_providers("cuda", {"CPUExecutionProvider"}, tensorrt=True)) == ["CPUExecutionProvider"]

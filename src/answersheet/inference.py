@@ -314,6 +314,30 @@ class TorchBackend:
             raise BatchTooLarge(str(exc).splitlines()[0]) from None
 
 
+def tensorrt_loadable() -> bool:
+    """Whether TensorRT's runtime library loads. The onnxruntime-gpu wheel always *lists*
+    TensorrtExecutionProvider, but without libnvinfer (not in the detector image) asking for it first made
+    every GPU session log an error before falling back to CUDA."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+    except OSError:
+        return False
+    return True
+
+
+def onnx_providers(device: str, available: set[str], tensorrt: bool) -> list:
+    """ONNX Runtime providers for a device, in preference order, only those that are installed and loadable."""
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    index = device.split(":")[1] if ":" in device else "0"
+    wanted: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if tensorrt:
+        wanted.insert(0, ("TensorrtExecutionProvider", {"device_id": index}))
+    return [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+
+
 class OnnxBackend:
     """ONNX Runtime on an exported YOLOv5 (dynamic batch, height and width): same inputs as the CLI.
 
@@ -328,13 +352,8 @@ class OnnxBackend:
         import onnxruntime as ort
 
         self.path = Path(path)
-        wanted = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            index = device.split(":")[1] if ":" in device else "0"
-            wanted = [("TensorrtExecutionProvider", {"device_id": index}),
-                      ("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         available = set(ort.get_available_providers())
-        providers = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+        providers = onnx_providers(device, available, tensorrt_loadable())
         if device.startswith("cuda") and len(providers) == 1:
             log.warning("onnxruntime has no CUDA/TensorRT provider here (%s): running ONNX on the CPU",
                         sorted(available))
