@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,26 @@ ROAD_KEYS = (
 INGEST_KEYS = ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members", "workers")
 DETECT_KEYS = (
     "cameras", "weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres",
-    "iou_thres", "imgsz", "max_det", "batch_size", "shards",
+    "iou_thres", "imgsz", "max_det", "batch_size", "shards", "class_map", "class_conf_thres", "slices",
 )
+SLICE_KEYS = ("size", "overlap", "imgsz", "merge", "match_metric", "match_threshold")
+SLICE_MERGES = ("greedy_nmm", "nms")
+SLICE_METRICS = ("ios", "iou")
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """Sliced inference (SAHI's idea): tiles of `size` px (width, height) overlapping by `overlap` of the
+    tile, each letterboxed to `imgsz`, plus the whole frame at detect.imgsz (the near, large vehicles that
+    no tile holds whole); the views' boxes are merged per class by `merge` (`greedy_nmm`: the union of
+    boxes whose `match_metric` >= `match_threshold`, SAHI's default; or `nms`)."""
+
+    size: tuple[int, int] = (640, 640)
+    overlap: float = 0.2
+    imgsz: int = 640
+    merge: str = "greedy_nmm"
+    match_metric: str = "ios"
+    match_threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,19 @@ class DetectSettings:
     max_det: int = 1000
     batch_size: int = 16
     shards: int = 1
+    # model class name -> road class name (None: dropped); None = identity (the model's classes as they are)
+    class_map: tuple[tuple[str, str | None], ...] | None = None
+    class_conf_thres: tuple[tuple[str, float], ...] = ()  # road class name -> its own confidence threshold
+    slices: SliceSettings | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that shapes the boxes, as JSON (the model block of the manifests)."""
+        return {
+            "imgsz": self.imgsz, "conf_thres": self.conf_thres, "iou_thres": self.iou_thres, "max_det": self.max_det,
+            "class_map": "identity" if self.class_map is None else dict(self.class_map),
+            "class_conf_thres": dict(self.class_conf_thres),
+            "slices": None if self.slices is None else {**asdict(self.slices), "size": list(self.slices.size)},
+        }
 
 
 @dataclass(frozen=True)
@@ -97,7 +128,10 @@ class RoadConfig:
                        "limits": {k: v for k, v in self.ingest.__dict__.items() if k != "workers"}},
             "detect": {"cameras": d.cameras, "sha256": d.sha256, "onnx_sha256": d.onnx_sha256,
                        "conf_thres": d.conf_thres, "iou_thres": d.iou_thres, "imgsz": d.imgsz,
-                       "max_det": d.max_det, "n_classes": len(self.classes)},
+                       "max_det": d.max_det, "n_classes": len(self.classes),
+                       # road classes: which boxes exist, their ids and thresholds, how views merge
+                       "classes": self.classes, "class_map": d.class_map, "class_conf_thres": d.class_conf_thres,
+                       "slices": asdict(d.slices) if d.slices else None},
             # set completeness, placeholders, the selected flag and notes of missing cameras
             "preprocess": {"id": self.id, "cameras": self.cameras, "short_set_policy": self.short_set_policy,
                            "selected": d.cameras},
@@ -114,7 +148,7 @@ class RoadConfig:
         if stage is None:
             body: dict[str, Any] = {
                 "id": self.id, "name": self.name, "cameras": self.cameras, "classes": self.classes,
-                "short_set_policy": self.short_set_policy, "detect": self.detect.__dict__,
+                "short_set_policy": self.short_set_policy, "detect": asdict(self.detect),
             }
         else:
             body = {"stage": stage, **self.stage_settings(stage)}
@@ -292,6 +326,9 @@ def validate_road(raw: dict) -> RoadConfig:
     )
     if detect.imgsz % 32:
         raise _fail(road, "detect.imgsz", f"must be a multiple of 32, got {detect.imgsz}")
+    detect = replace(detect, class_map=_class_map(road, det.get("class_map", "identity"), classes),
+                     class_conf_thres=_class_conf(road, det.get("class_conf_thres"), classes),
+                     slices=_slices(road, det.get("slices")))
     for key in ("schedule", "kubernetes"):
         if not isinstance(raw.get(key, {}), dict):
             raise _fail(road, key, "must be a mapping")
@@ -299,6 +336,65 @@ def validate_road(raw: dict) -> RoadConfig:
         id=road, name=name, bucket=bucket, cameras=cameras, classes=classes,
         short_set_policy=policy, ingest=limits, detect=detect,
         schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
+    )
+
+
+def _class_map(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[str, str | None], ...] | None:
+    """`identity` (None) or {model class name: road class name or null}. The model's names are checked
+    when detect loads the model (inference.resolve_class_map); the road's names here."""
+    key = "detect.class_map"
+    if value == "identity" or value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise _fail(road, key, f"must be `identity` or a mapping model class -> road class (or null), got {value!r}")
+    for src, dst in value.items():
+        if not isinstance(src, str) or not src:
+            raise _fail(road, key, f"model class names must be strings, got {src!r}")
+        if dst is not None and dst not in classes:
+            raise _fail(road, key, f"{src!r} -> {dst!r}: {dst!r} is not one of the road's classes {list(classes)}")
+    return tuple((str(k), v) for k, v in value.items())
+
+
+def _class_conf(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    key = "detect.class_conf_thres"
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _fail(road, key, f"must be a mapping road class -> confidence threshold, got {value!r}")
+    out = []
+    for name, thr in value.items():
+        if name not in classes:
+            raise _fail(road, key, f"{name!r} is not one of the road's classes {list(classes)}")
+        out.append((name, _number(road, f"{key}.{name}", thr, float, 0, 1)))
+    return tuple(out)
+
+
+def _slices(road: str, value: Any) -> SliceSettings | None:
+    key = "detect.slices"
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(road, key, f"must be a mapping ({', '.join(SLICE_KEYS)}) or null, got {value!r}")
+    _check_keys(road, f"{key}.", value, SLICE_KEYS)
+    base = SliceSettings()
+    size = value.get("size", list(base.size))
+    size = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(size, list) or len(size) != 2:
+        raise _fail(road, f"{key}.size", f"must be a tile size in pixels or [width, height], got {size!r}")
+    size = tuple(_number(road, f"{key}.size", v, int, 32, 8192) for v in size)
+    imgsz = _number(road, f"{key}.imgsz", value.get("imgsz", base.imgsz), int, 32, 8192)
+    if imgsz % 32:
+        raise _fail(road, f"{key}.imgsz", f"must be a multiple of 32, got {imgsz}")
+    merge, metric = value.get("merge", base.merge), value.get("match_metric", base.match_metric)
+    if merge not in SLICE_MERGES:
+        raise _fail(road, f"{key}.merge", f"must be one of {SLICE_MERGES}, got {merge!r}")
+    if metric not in SLICE_METRICS:
+        raise _fail(road, f"{key}.match_metric", f"must be one of {SLICE_METRICS}, got {metric!r}")
+    return SliceSettings(
+        size=size, overlap=_number(road, f"{key}.overlap", value.get("overlap", base.overlap), float, 0, 0.9),
+        imgsz=imgsz, merge=merge, match_metric=metric,
+        match_threshold=_number(road, f"{key}.match_threshold", value.get("match_threshold", base.match_threshold),
+                                float, 0.01, 1),
     )
 
 

@@ -333,6 +333,8 @@ class ShardRun:
     failed: list[dict] = field(default_factory=list)
     retries: dict[str, int] = field(default_factory=dict)  # image name -> extra GETs it took
     keys: dict[str, str] = field(default_factory=dict)  # image name -> object key
+    classes: Any = None  # postprocess.RoadClasses
+    records: list[dict] = field(default_factory=list)  # predictions lines
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- readers ----------------------------------------------------------------------------------
@@ -354,6 +356,10 @@ class ShardRun:
             log.info("detect: %s read correctly after %d retr%s", self.store.uri(key), retries,
                      "y" if retries == 1 else "ies")
         try:
+            if self.settings.slices:
+                from answersheet.slicing import prepare_sliced
+
+                return prepare_sliced(name, data, self.imgsz, self.engine.stride, self.settings.slices)
             return prepare(name, data, self.imgsz, self.engine.stride)
         except BadImage as exc:
             return Failure(name, key, str(exc))
@@ -375,7 +381,9 @@ class ShardRun:
             chunk = batch[i : i + self.batch_size]
             try:
                 pred = self.engine.backend.infer(np.stack([p.chw for p in chunk]))
-                cands = candidates(pred, self.settings.conf_thres)
+                cands = candidates(pred, self.classes.min_conf)
+                tiles = [candidates(self.engine.backend.infer(p.tiles), self.classes.min_conf)
+                         if getattr(p, "tiles", None) is not None else [] for p in chunk]  # one batch per image
             except BatchTooLarge as exc:
                 if len(chunk) == 1:
                     raise AnswersheetError(f"detect: out of memory even for a single image ({exc})") from None
@@ -388,7 +396,9 @@ class ShardRun:
                 i += len(chunk)
                 continue
             del pred
-            out.append(([(p.name, p.shape0, p.shape1) for p in chunk], cands))
+            out.append(([(p.name, p.shape0, p.shape1, getattr(p, "tile_boxes", []),
+                          p.tiles.shape[2:] if len(t) else None, t) for p, t in zip(chunk, tiles, strict=True)],
+                        cands))
             i += len(chunk)
         return out
 
@@ -402,20 +412,21 @@ class ShardRun:
         return [done for p in chunk for done in self.infer([p])]
 
     # -- writers ----------------------------------------------------------------------------------
-    def finish(self, images: list[tuple[str, tuple[int, int], tuple[int, int]]], cands: list[np.ndarray]) -> None:
+    def finish(self, images: list[tuple], cands: list[np.ndarray]) -> None:
         """NMS, label text and PUT for one inferred chunk (runs on a writer thread).
 
-        `images` holds (name, original shape, letterboxed shape); `cands` the rows above conf_thres.
+        `images` holds (name, original shape, letterboxed shape, tile boxes, letterboxed tile shape, tile
+        candidates); `cands` the full frames' rows above the lowest threshold.
         """
-        from answersheet.inference import label_text, nms
+        from answersheet.postprocess import image_boxes
 
-        s = self.settings
-        for (name, shape0, shape1), rows in zip(images, cands, strict=True):
+        for (name, shape0, shape1, *tiles), rows in zip(images, cands, strict=True):
             try:
-                text, classes = label_text(nms(rows, s.conf_thres, s.iou_thres, s.max_det), shape1, shape0)
+                boxes = image_boxes(name, self.boxes(rows, shape1, shape0, *tiles), shape0, self.classes.names)
             except Exception as exc:  # noqa: BLE001 - one image's post-processing must not end the day
                 self.fail(Failure(name, self.keys.get(name, ""), f"NMS/labels failed: {_one_line(exc)}"))
                 continue
+            text, classes = boxes.text, boxes.classes
             key = None
             if text:
                 key = f"{self.labels_prefix}{name[: -len('.jpg')] if name.endswith('.jpg') else name}.txt"
@@ -425,7 +436,26 @@ class ShardRun:
                 if key:
                     self.outputs[key] = digest
                 self.images[name] = {"label": key, "boxes": len(classes), "per_class": per_class}
+                self.records.append(boxes.record)
             self.progress.advance()
+
+    def boxes(self, rows: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int],
+              tile_boxes: list[tuple[int, int, int, int]], tile_shape1: tuple[int, int] | None,
+              tile_cands: list[np.ndarray]) -> np.ndarray:
+        """One image's boxes in its pixels (xyxy, conf, road class, source), sorted by confidence: the full
+        frame's, merged with its tiles' when the road slices (answersheet.slicing)."""
+        from answersheet.postprocess import road_nms, to_original
+
+        s, rc = self.settings, self.classes
+        det = to_original(road_nms(rows, rc, s.iou_thres, s.max_det), shape1, shape0)
+        if not tile_boxes:
+            return det
+        from answersheet.slicing import merge_views
+
+        views = [det] + [
+            to_original(road_nms(t, rc, s.iou_thres, s.max_det), tile_shape1, (y1 - y0, x1 - x0), (x0, y0), 1)
+            for (x0, y0, x1, y1), t in zip(tile_boxes, tile_cands, strict=True)]
+        return merge_views(np.concatenate(views), s.slices, s.max_det)
 
     def fail(self, failure: Failure) -> None:
         log.warning("detect: skipping %s: %s", self.store.uri(failure.key), printable(failure.reason))
@@ -544,12 +574,10 @@ def detect_day(
 
     with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
         engine = load_engine(settings, backend, device, scratch, store)
-        if len(engine.names) != len(rd.road.classes):
-            raise AnswersheetError(
-                f"{settings.onnx if backend == 'onnx' and settings.onnx else settings.weights}: the model has "
-                f"{len(engine.names)} classes but road {rd.road.id!r} lists {len(rd.road.classes)} "
-                "(key 'classes'); use weights trained for the road's classes"
-            )
+        from answersheet.postprocess import resolve_classes
+
+        classes = resolve_classes(rd.road.id, rd.road.classes, settings, engine.names,
+                                  settings.onnx if backend == "onnx" and settings.onnx else settings.weights)
         from answersheet.inference import check_imgsz
 
         imgsz = check_imgsz(settings.imgsz, engine.stride)
@@ -559,12 +587,16 @@ def detect_day(
         started = manifest.begin(store, key)
         progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
         run = ShardRun(store=store, engine=engine, settings=settings, labels_prefix=layout.detect_labels,
-                       batch_size=batch_size, imgsz=imgsz, progress=progress)
+                       batch_size=batch_size, imgsz=imgsz, progress=progress, classes=classes)
         cuda = device.startswith("cuda")
         readers = READERS or (min(16, 2 * CPUS) if cuda else 2)
         run.run(mine, readers, streams=engine.streams)
         progress.finish()
 
+    from answersheet.postprocess import predictions_jsonl
+
+    predictions_key = layout.detect_predictions(shard_index, shard_count)
+    run.outputs[predictions_key] = store.put(predictions_key, predictions_jsonl(run.records), "application/x-ndjson")
     _delete_stale_labels(store, layout.detect_labels, run.outputs, {i["name"] for i in mine},
                          {i["name"] for i in selected}, owns_orphans=shard_index == 0)
     counts = {
@@ -575,7 +607,8 @@ def detect_day(
         "failed": len(run.failed),
         "retries": sum(run.retries.values()),  # extra GETs of images whose body was cut short or corrupt
     }
-    model = {**engine.model, "imgsz": imgsz, "batch_size": run.batch_size}
+    model = {**engine.model, **settings.settings(), "imgsz": imgsz, "batch_size": run.batch_size,
+             "classes": list(classes.names), "predictions": predictions_key}
     manifest.commit(
         store, key, STAGE, digest, run.outputs, counts, started, shard=shard_index, shards=shard_count,
         upstream=manifest.upstream({layout.ingest_manifest: ingest}),

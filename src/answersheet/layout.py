@@ -42,6 +42,10 @@ class DayLayout:
     def detect_manifest(self, shard: int, shards: int) -> str:
         return f"{self.work_prefix}detect/manifest-{shard:03d}-of-{shards:03d}.json"
 
+    def detect_predictions(self, shard: int, shards: int) -> str:
+        """One JSON line per image the shard looked at: boxes with confidence, class and source view."""
+        return f"{self.work_prefix}detect/predictions-{shard:03d}-of-{shards:03d}.jsonl"
+
     @property
     def preprocess_labels(self) -> str:
         return f"{self.work_prefix}preprocess/labels/"
