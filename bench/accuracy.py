@@ -1,0 +1,420 @@
+"""Label quality on real road photos with ground truth: the real detect stage per setting, scored with pycocotools.
+
+One command (`make bench-accuracy`):
+
+    .venv/bin/python bench/accuracy.py                       # every setting of SETTINGS
+    .venv/bin/python bench/accuracy.py --settings "identity 640" "road 640 + slices 960"
+
+What it does:
+1. Starts the project's real S3 server (SeaweedFS, answersheet.dev.s3server) on 127.0.0.1, uploads the
+   weights, exports them once with `answersheet export-onnx` (the CPU backend), packs the 96 road-dev photos
+   (../shared/datasets/road-dev: 1798 boxes of COCO car 2, motorcycle 3, bus 5, truck 7) as one day of
+   side1/side2 archives at their own sizes, and ingests them with the real ingest stage.
+2. Per setting, `answersheet detect --force --backend onnx` as its own process through S3, twice:
+   - the operating pass (the setting's own thresholds): what the answer sheet gets. Its predictions file
+     gives P/R/F1, boxes/image and the cost (stage seconds from the manifest: GET, decode, inference,
+     NMS/merge, PUT; process wall incl. start-up; peak RSS from GNU time);
+   - an AP pass at conf_thres 0.001 (per-class thresholds off, everything else equal), as yolov5's val.py
+     scores mAP: AP integrates precision over all recall levels, which a sheet cut at 0.25 cannot reach.
+     The AP of the operating pass's own predictions is reported too (`sheet AP50`).
+3. Scores with pycocotools' COCOeval over the 4 vehicle classes (predictions of other classes are not
+   scored; a road class is matched to COCO by name): mAP@0.5, mAP@0.5:0.95 (maxDets 100 as COCO/val.py),
+   mAP@0.5 with the 4 classes merged into one `vehicle` (the labels confuse van/truck/bus), and P/R/F1 at
+   the operating threshold from COCOeval's own IoU-0.5 matching (class-aware) — once as is, once with
+   unmatched detections under 15 px on their short side not counted (the labels skip far vehicles).
+4. Model-only img/s: the ONNX model alone over the same letterboxed views (full frame + tiles of each
+   image, tiles of one image as one batch), one single-threaded session per core as detect runs it.
+
+Results: a markdown table on stdout and bench/out/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+BIN = Path(sys.executable).parent
+SHARED = Path(os.environ.get("ANSWERSHEET_SHARED", REPO.parent / "shared"))
+DATASET = SHARED / "datasets" / "road-dev"
+ROAD = "daewang_pangyo"
+DAY = dt.date(2026, 11, 2)
+CAMERAS = ("side1", "side2")
+EVAL_IDS = {"car": 2, "motorcycle": 3, "bus": 5, "truck": 7}
+SMALL_PX = 15
+AP_CONF = 0.001
+GNU_TIME = Path("/usr/bin/time")
+
+ROAD_CLASSES = ["person", "bicycle", "car", "motorcycle", "bus", "truck"]
+ROAD_MAP = {"train": "truck"}
+SLICES_640 = {"size": 640, "overlap": 0.2, "imgsz": 640}
+SLICES_960 = {"size": 960, "overlap": 0.2, "imgsz": 640}
+
+# name: (road overrides merged over the shipped road; detect overrides)
+SETTINGS: dict[str, tuple[dict, dict]] = {
+    "identity 640": ({}, {"class_map": "identity", "imgsz": 640}),
+    "identity 1280": ({}, {"class_map": "identity", "imgsz": 1280}),
+    "road 640": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 640}),
+    "road 640, no train->truck": ({"classes": ROAD_CLASSES}, {"class_map": {"car": "car"}, "imgsz": 640}),
+    "road 960": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 960}),
+    "road 1280": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 1280}),
+    "road 640 + slices 640": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 640,
+                                                          "slices": SLICES_640}),
+    "road 640 + slices 960": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 640,
+                                                          "slices": SLICES_960}),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench-accuracy] {msg}", file=sys.stderr, flush=True)
+
+
+# -- ground truth ---------------------------------------------------------------------------------
+
+def dataset_images() -> list[Path]:
+    images = sorted((DATASET / "images").glob("*.jpg"))
+    if not images:
+        raise SystemExit(f"{DATASET}/images: no road-dev photos (set ANSWERSHEET_SHARED)")
+    return images
+
+
+def day_names(images: list[Path]) -> dict[str, Path]:
+    """Ingested image name -> road-dev photo, as build_day_archives assigns photos (set i, camera c: 2i + c)."""
+    from answersheet.sample_day import set_times
+
+    ymd = DAY.strftime("%Y%m%d")
+    names = {}
+    for i, hhmmss in enumerate(set_times(len(images) // len(CAMERAS))):
+        for c, cam in enumerate(CAMERAS):
+            names[f"{ROAD}_{ymd}_{hhmmss}_{cam}.jpg"] = images[i * len(CAMERAS) + c]
+    return names
+
+
+def coco_ground_truth(names: dict[str, Path]) -> dict:
+    """COCO instances of the road-dev labels (pixel xywh), keyed by the ingested image names."""
+    from PIL import Image
+
+    images, anns = [], []
+    for img_id, (name, photo) in enumerate(sorted(names.items()), 1):
+        with Image.open(photo) as im:
+            w, h = im.size
+        images.append({"id": img_id, "file_name": name, "width": w, "height": h})
+        for line in (DATASET / "labels" / f"{photo.stem}.txt").read_text().split("\n"):
+            if not line.strip():
+                continue
+            cls, cx, cy, bw, bh = line.split()
+            bw, bh = float(bw) * w, float(bh) * h
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(cls), "iscrowd": 0,
+                         "bbox": [float(cx) * w - bw / 2, float(cy) * h - bh / 2, bw, bh], "area": bw * bh})
+    cats = [{"id": i, "name": n} for n, i in EVAL_IDS.items()]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def coco_results(records: list[dict], gt: dict) -> list[dict]:
+    """Predictions lines -> COCO results (vehicle classes only, matched by class name)."""
+    ids = {im["file_name"]: im for im in gt["images"]}
+    out = []
+    for r in records:
+        im = ids[r["image"]]
+        w, h = im["width"], im["height"]
+        for b in r["boxes"]:
+            if b["class"] not in EVAL_IDS:
+                continue
+            cx, cy, bw, bh = b["box"]
+            out.append({"image_id": im["id"], "category_id": EVAL_IDS[b["class"]], "score": b["confidence"],
+                        "bbox": [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]})
+    return out
+
+
+def merged(gt: dict, dets: list[dict]) -> tuple[dict, list[dict]]:
+    """The same, every vehicle class as one category 1."""
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        a["category_id"] = 1
+    gt["categories"] = [{"id": 1, "name": "vehicle"}]
+    return gt, [{**d, "category_id": 1} for d in dets]
+
+
+def evaluate(gt: dict, dets: list[dict]) -> dict:
+    """pycocotools COCOeval: AP50, AP50:95 and, at IoU 0.5, TP/FP/FN (FP also without small unmatched dets)."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        if not dets:
+            return {"ap50": 0.0, "ap50_95": 0.0, "tp": 0, "fp": 0, "fp_small": 0, "gt": len(gt["annotations"])}
+        coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    tp = fp = fp_small = 0
+    area_all = ev.params.areaRng[0]
+    per_class: dict[int, list[int]] = {}  # category -> [matched ground truth, ground truth]
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != area_all:
+            continue
+        counts = per_class.setdefault(e["category_id"], [0, 0])
+        counts[0] += int((e["gtMatches"][0] > 0).sum())
+        counts[1] += len(e["gtIds"])
+        for k, dt_id in enumerate(e["dtIds"]):
+            if e["dtIgnore"][0, k]:
+                continue
+            if e["dtMatches"][0, k] > 0:
+                tp += 1
+            else:
+                fp += 1
+                if min(coco_dt.anns[dt_id]["bbox"][2:]) < SMALL_PX:
+                    fp_small += 1
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    return {"ap50": float(ev.stats[1]), "ap50_95": float(ev.stats[0]), "tp": tp, "fp": fp, "fp_small": fp_small,
+            "gt": len(gt["annotations"]),
+            "recall_by_class": {names[c]: round(m / n, 4) for c, (m, n) in sorted(per_class.items()) if n}}
+
+
+def prf(tp: int, fp: int, n_gt: int) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / n_gt if n_gt else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def score(records: list[dict], gt: dict) -> dict:
+    dets = coco_results(records, gt)
+    ev = evaluate(gt, dets)
+    p, r, f1 = prf(ev["tp"], ev["fp"], ev["gt"])
+    p_i, _, f1_i = prf(ev["tp"], ev["fp"] - ev["fp_small"], ev["gt"])
+    vehicle = evaluate(*merged(gt, dets))
+    vp, vr, vf1 = prf(vehicle["tp"], vehicle["fp"] - vehicle["fp_small"], vehicle["gt"])
+    return {"ap50": ev["ap50"], "ap50_95": ev["ap50_95"], "vehicle_ap50": vehicle["ap50"],
+            "precision": p, "recall": r, "f1": f1, "precision_ignore_small": p_i, "f1_ignore_small": f1_i,
+            "vehicle_precision_ignore_small": vp, "vehicle_recall": vr, "vehicle_f1_ignore_small": vf1,
+            **{k: ev[k] for k in ("tp", "fp", "fp_small", "gt", "recall_by_class")},
+            "boxes_per_image": sum(len(r["boxes"]) for r in records) / max(len(records), 1),
+            "classes": dict(sorted(_class_counts(records).items()))}
+
+
+def _class_counts(records: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        for b in r["boxes"]:
+            counts[b["class"]] = counts.get(b["class"], 0) + 1
+    return counts
+
+
+# -- the real stages ------------------------------------------------------------------------------
+
+def roads_file(path: Path, bucket: str, road: dict, detect: dict) -> Path:
+    """The shipped road (defaults merged in) with this bucket, these cameras and the setting's keys; the
+    setting's `detect` keys replace the shipped road's class map, per-class thresholds and slices."""
+    from answersheet.config import deep_merge
+
+    doc = yaml.safe_load((REPO / "dags" / "roads.yaml").read_text(encoding="utf-8"))
+    base = deep_merge(doc.get("defaults") or {}, doc["roads"][0])
+    new = deep_merge(base, {"bucket": bucket, "cameras": list(CAMERAS), **road})
+    new["classes"] = road.get("classes", doc["defaults"]["classes"])
+    new["detect"] = {**{k: v for k, v in base["detect"].items()
+                        if k not in ("class_map", "class_conf_thres", "slices")}, **detect,
+                     "cameras": list(CAMERAS)}
+    path.write_text(yaml.safe_dump({"roads": [new]}, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_measured(cmd: list[str], env: dict, logfile: Path) -> dict:
+    """Wall seconds, CPU seconds and peak RSS (MiB, GNU time) of one process."""
+    timing = logfile.with_suffix(".time")
+    full = [str(GNU_TIME), "-o", str(timing), "-f", "%e %U %S %M", *cmd] if GNU_TIME.exists() else cmd
+    t0 = time.perf_counter()
+    with open(logfile, "wb") as out:
+        proc = subprocess.run(full, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}); see {logfile}:\n"
+                         + logfile.read_text(errors="replace")[-3000:])
+    result = {"wall_s": round(wall, 2)}
+    if GNU_TIME.exists():
+        _, user, system, max_kb = timing.read_text().split()[-4:]
+        result.update(cpu_s=round(float(user) + float(system), 2), peak_rss_mib=round(int(max_kb) / 1024, 1))
+    return result
+
+
+def detect(store, roads: Path, env: dict, logfile: Path) -> tuple[dict, list[dict], dict]:
+    """One `answersheet detect --force` process: (cost, predictions lines, manifest)."""
+    from answersheet.layout import DayLayout
+
+    cost = run_measured([str(BIN / "answersheet"), "detect", "--road", ROAD, "--date", DAY.isoformat(),
+                         "--config", str(roads), "--backend", "onnx", "--force"], env, logfile)
+    lay = DayLayout(ROAD, DAY)
+    manifest = store.get_json(lay.detect_manifest(0, 1))
+    records = [json.loads(line) for line in store.get(lay.detect_predictions(0, 1)).decode().splitlines()]
+    cost["stage_s"] = manifest["seconds"]
+    return cost, records, manifest
+
+
+def model_only(onnx_path: Path, photos: list[Path], road_cfg, seconds: float = 6.0) -> float:
+    """Images/s of the ONNX model alone over these photos' views (detect's stream layout), no decode/NMS/S3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from answersheet.detect import CPUS
+    from answersheet.inference import OnnxBackend, prepare
+    from answersheet.slicing import prepare_sliced
+
+    d = road_cfg.detect
+    streams = min(CPUS, 8)
+    backend = OnnxBackend(onnx_path, "cpu", threads=1, sessions=streams)
+    views = []
+    for photo in photos:
+        data = photo.read_bytes()
+        p = prepare_sliced(photo.name, data, d.imgsz, 32, d.slices) if d.slices else prepare(
+            photo.name, data, d.imgsz, 32)
+        views.append([p.chw[None]] + ([p.tiles] if d.slices else []))
+    for v in views[:2]:
+        for batch in v:
+            backend.infer(batch)  # warm-up
+
+    def work(start: int) -> int:
+        n, i, t0 = 0, start, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for batch in views[i % len(views)]:
+                backend.infer(batch)
+            n, i = n + 1, i + streams
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        done = sum(pool.map(work, range(streams)))
+    return round(done / (time.perf_counter() - t0), 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"of: {', '.join(SETTINGS)}")
+    ap.add_argument("--weights", default=os.environ.get("ANSWERSHEET_WEIGHTS")
+                    or str(SHARED / "models" / "yolov5n.pt"))
+    ap.add_argument("--no-ap-pass", action="store_true", help="skip the conf 0.001 pass (AP from the sheet only)")
+    ap.add_argument("--no-model-only", action="store_true")
+    ap.add_argument("--out", default=str(OUT / "accuracy.json"))
+    args = ap.parse_args()
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
+
+    from answersheet.config import load_road
+    from answersheet.day import RoadDay
+    from answersheet.dev.s3server import S3Server
+    from answersheet.ingest import ingest_day
+    from answersheet.sample_day import build_day_archives, upload_day
+    from answersheet.storage import Store
+
+    weights = Path(args.weights).resolve()
+    if not weights.is_file():
+        raise SystemExit(f"{weights}: no weights (pass --weights or set ANSWERSHEET_WEIGHTS)")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    photos = dataset_images()
+    names = day_names(photos)
+    gt = coco_ground_truth(names)
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "dataset": str(DATASET), "images": len(names), "gt_boxes": len(gt["annotations"]),
+        "weights": str(weights), "weights_sha256": sha, "backend": "onnx", "ap_conf": AP_CONF, "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp_name, \
+            S3Server(Path(tmp_name) / "s3") as server:
+        tmp = Path(tmp_name)
+        env = {**os.environ, **server.env(), "PYTHONWARNINGS": "ignore"}
+        os.environ.update(server.env())
+        store = Store("bench-accuracy")
+        store.client.create_bucket(Bucket=store.bucket)
+        store.put("models/yolov5n.pt", weights.read_bytes())
+        weights_uri = f"s3://{store.bucket}/models/yolov5n.pt"
+        out = subprocess.run([str(BIN / "answersheet"), "export-onnx", "--weights", weights_uri, "--sha256", sha],
+                             env=env, check=True, capture_output=True, text=True)
+        exported = json.loads(out.stdout)
+        local_onnx = tmp / "model.onnx"
+        local_onnx.write_bytes(store.get(exported["onnx"].split("/", 3)[3]))
+        model = {"weights": weights_uri, "sha256": sha, "onnx": exported["onnx"],
+                 "onnx_sha256": exported["onnx_sha256"], "backend": "onnx"}
+        log(f"ingesting {len(names)} road-dev photos as {len(names) // 2} sets of {'/'.join(CAMERAS)}")
+        upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, len(names) // 2, photos))
+        base_roads = roads_file(tmp / "roads.yaml", store.bucket, {}, model)
+        ingest_day(RoadDay(road=load_road(base_roads, ROAD), day=DAY, store=store))
+
+        for i, name in enumerate(args.settings):
+            road_over, det_over = SETTINGS[name]
+            detect_cfg = {**model, **det_over}
+            roads = roads_file(tmp / f"roads-{i}.yaml", store.bucket, road_over, detect_cfg)
+            log(f"{name}: operating pass")
+            cost, records, manifest = detect(store, roads, env, tmp / f"detect-{i}.log")
+            run = {"settings": {k: v for k, v in manifest["model"].items()
+                                if k in ("imgsz", "conf_thres", "iou_thres", "class_map", "class_conf_thres",
+                                         "slices", "classes")},
+                   "cost": {**cost, "images_per_s": round(len(records) / cost["stage_s"], 2)},
+                   "operating": score(records, gt)}
+            run["operating"]["sheet_ap50"] = run["operating"].pop("ap50")
+            run["operating"]["sheet_ap50_95"] = run["operating"].pop("ap50_95")
+            if not args.no_ap_pass:
+                log(f"{name}: AP pass (conf {AP_CONF})")
+                ap_cfg = {**detect_cfg, "conf_thres": AP_CONF, "class_conf_thres": None}
+                ap_roads = roads_file(tmp / f"roads-{i}-ap.yaml", store.bucket, road_over, ap_cfg)
+                _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log")
+                s = score(ap_records, gt)
+                run["ap"] = {k: s[k] for k in ("ap50", "ap50_95", "vehicle_ap50")}
+            if not args.no_model_only:
+                run["cost"]["model_only_images_per_s"] = model_only(local_onnx, photos, load_road(roads, ROAD))
+            report["runs"][name] = run
+            o = run["operating"]
+            log(f"{name}: AP50 {run.get('ap', {}).get('ap50', float('nan')):.3f} sheet AP50 {o['sheet_ap50']:.3f} "
+                f"P {o['precision']:.3f} R {o['recall']:.3f} F1 {o['f1']:.3f} (ignoring small FP: P "
+                f"{o['precision_ignore_small']:.3f} F1 {o['f1_ignore_small']:.3f}) {run['cost']}")
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(table(report))
+    return 0
+
+
+def table(report: dict) -> str:
+    runs = report["runs"]
+    base = runs.get("identity 640")
+    lines = [
+        f"{report['images']} road-dev photos, {report['gt_boxes']} boxes, {Path(report['weights']).name}, ONNX on "
+        f"CPU x{report['machine']['cpus']}, load average {report['machine']['load_average_at_start'][0]:.1f} at "
+        "start",
+        "",
+        "| setting | mAP@0.5 | mAP@0.5:0.95 | vehicle AP@0.5 | sheet AP@0.5 | P | R | F1 | P (<15 px FP ignored) "
+        "| F1 (<15 px FP ignored) | boxes/img | img/s stage | img/s model | cost vs identity 640 | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in runs.items():
+        o, c, a = r["operating"], r["cost"], r.get("ap", {})
+        rel = f"{base['cost']['images_per_s'] / c['images_per_s']:.1f}x" if base else ""
+        lines.append(
+            f"| {name} | {a.get('ap50', float('nan')):.3f} | {a.get('ap50_95', float('nan')):.3f} "
+            f"| {a.get('vehicle_ap50', float('nan')):.3f} | {o['sheet_ap50']:.3f} | {o['precision']:.3f} "
+            f"| {o['recall']:.3f} | {o['f1']:.3f} | {o['precision_ignore_small']:.3f} | {o['f1_ignore_small']:.3f} "
+            f"| {o['boxes_per_image']:.1f} | {c['images_per_s']} | {c.get('model_only_images_per_s', '')} | {rel} "
+            f"| {c.get('peak_rss_mib', '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
