@@ -44,6 +44,10 @@ BENCH_SAMPLES ?= $(if $(wildcard $(SHARED)/samples/road/*.jpg),$(abspath $(SHARE
 bench-detector: install ## detector: `yolov5 detect` vs `answersheet detect` per backend (BENCH_IMAGES=200)
 	ANSWERSHEET_SAMPLE_DIR=$(BENCH_SAMPLES) $(PY) bench/detector.py --images $(BENCH_IMAGES)
 
+.PHONY: bench-accuracy
+bench-accuracy: install ## label quality on ../shared/datasets/road-dev: mAP, P/R/F1 and cost per detect setting
+	$(PY) bench/accuracy.py
+
 # ---------------------------------------------------------------------------------------------
 # Ship it: tools, lint, chart rendering, images, deploy and cluster helpers (see README "Deploy to a cluster").
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     "identity 1280": ({}, {"class_map": "identity", "imgsz": 1280}),
     "road 640": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 640}),
     "road 640, no train->truck": ({"classes": ROAD_CLASSES}, {"class_map": {"car": "car"}, "imgsz": 640}),
+    "road 1280, no train->truck": ({"classes": ROAD_CLASSES}, {"class_map": {"car": "car"}, "imgsz": 1280}),
     "road 960": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 960}),
     "road 1280": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 1280}),
     "road 640 + slices 640": ({"classes": ROAD_CLASSES}, {"class_map": ROAD_MAP, "imgsz": 640,
@@ -304,6 +305,13 @@ def model_only(onnx_path: Path, photos: list[Path], road_cfg, seconds: float = 6
     return round(done / (time.perf_counter() - t0), 2)
 
 
+def save(folder: str | None, setting: str, kind: str, records: list[dict]) -> None:
+    if folder:
+        path = Path(folder) / f"{setting.replace(' ', '_').replace('/', '_')}.{kind}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"of: {', '.join(SETTINGS)}")
@@ -312,6 +320,7 @@ def main() -> int:
     ap.add_argument("--no-ap-pass", action="store_true", help="skip the conf 0.001 pass (AP from the sheet only)")
     ap.add_argument("--no-model-only", action="store_true")
     ap.add_argument("--out", default=str(OUT / "accuracy.json"))
+    ap.add_argument("--save-predictions", default=None, help="also write each pass's predictions lines here")
     args = ap.parse_args()
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
@@ -364,6 +373,7 @@ def main() -> int:
             roads = roads_file(tmp / f"roads-{i}.yaml", store.bucket, road_over, detect_cfg)
             log(f"{name}: operating pass")
             cost, records, manifest = detect(store, roads, env, tmp / f"detect-{i}.log")
+            save(args.save_predictions, name, "operating", records)
             run = {"settings": {k: v for k, v in manifest["model"].items()
                                 if k in ("imgsz", "conf_thres", "iou_thres", "class_map", "class_conf_thres",
                                          "slices", "classes")},
@@ -376,6 +386,7 @@ def main() -> int:
                 ap_cfg = {**detect_cfg, "conf_thres": AP_CONF, "class_conf_thres": None}
                 ap_roads = roads_file(tmp / f"roads-{i}-ap.yaml", store.bucket, road_over, ap_cfg)
                 _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log")
+                save(args.save_predictions, name, "ap", ap_records)
                 s = score(ap_records, gt)
                 run["ap"] = {k: s[k] for k in ("ap50", "ap50_95", "vehicle_ap50")}
             if not args.no_model_only:

@@ -55,20 +55,24 @@ def test_class_map_identity_is_yolov5_nms_exactly():
     rows = np.concatenate([rng.uniform(0, 600, (300, 4)), rng.uniform(0, 1, (300, 81))], 1).astype(np.float32)
     rows[:, 2:4] = rng.uniform(5, 80, (300, 2))
     rc = classes_of({"class_map": "identity"}, classes=list(NAMES.values()))
-    assert rc.plain and rc.groups is None
+    assert rc.plain and rc.lut is None
     assert np.array_equal(road_nms(rows, rc, 0.45, 1000), nms(rows, 0.25, 0.45, 1000))
 
 
-def test_class_map_drops_off_road_classes_and_keeps_their_vehicle_score():
+def test_class_map_drops_off_road_classes():
     rc = classes_of({"class_map": {"train": "truck"}})
     rows = np.stack([
-        cand((100, 100, 40, 40), 0.9, {KITE: 0.8}),  # a kite and nothing else: dropped
-        cand((300, 100, 40, 40), 0.9, {KITE: 0.6, CAR: 0.5}),  # best COCO guess kite, but a car at 0.45
+        cand((100, 100, 40, 40), 0.9, {KITE: 0.8}),  # a kite: dropped
+        cand((300, 100, 40, 40), 0.9, {KITE: 0.6, CAR: 0.5}),  # the model's best guess is kite: dropped too
         cand((500, 100, 40, 40), 0.9, {PERSON: 0.9}),  # person is a road class of its own
+        cand((700, 100, 40, 40), 0.9, {CAR: 0.5}),
     ])
     det = road_nms(rows, rc, 0.45, 1000)
     assert [rc.names[int(c)] for c in det[:, 5]] == ["person", "car"]
     assert det[1, 4] == pytest.approx(0.45)
+    # The kite does not suppress the car under it either (it is gone before NMS).
+    over = np.stack([cand((100, 100, 40, 40), 0.9, {KITE: 0.9}), cand((101, 100, 40, 40), 0.9, {CAR: 0.5})])
+    assert [rc.names[int(c)] for c in road_nms(over, rc, 0.45, 1000)[:, 5]] == ["car"]
 
 
 def test_class_map_merges_train_into_truck_before_nms():
@@ -217,3 +221,17 @@ def test_slices_config_is_validated():
                      ({"tile": 640}, "detect.slices.tile")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             road(slices=bad)
+
+
+def test_agnostic_nms_gives_one_box_per_vehicle_but_keeps_the_rider():
+    rows = np.stack([cand((200, 200, 100, 60), 0.9, {CAR: 0.8}),  # a van: car ...
+                     cand((203, 201, 100, 60), 0.9, {TRUCK: 0.6}),  # ... and truck
+                     cand((400, 200, 30, 60), 0.9, {PERSON: 0.8}),  # a rider on ...
+                     cand((400, 215, 30, 40), 0.9, {3: 0.7})])  # ... a motorcycle (IoU 0.67 with the rider)
+    plain = classes_of({"class_map": {"train": "truck"}})
+    assert len(road_nms(rows, plain, 0.45, 1000)) == 4
+    grouped = classes_of({"class_map": {"train": "truck"}, "agnostic_nms": ["car", "bus", "truck", "motorcycle"]})
+    det = road_nms(rows, grouped, 0.45, 1000)
+    assert sorted(grouped.names[int(c)] for c in det[:, 5]) == ["car", "motorcycle", "person"]
+    with pytest.raises(ConfigError, match="'detect.agnostic_nms'.*'lorry'"):
+        road(classes=ROAD6, class_map={"car": "car"}, agnostic_nms=["car", "lorry"])

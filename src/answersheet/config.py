@@ -34,6 +34,7 @@ INGEST_KEYS = ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members"
 DETECT_KEYS = (
     "cameras", "weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres",
     "iou_thres", "imgsz", "max_det", "batch_size", "shards", "class_map", "class_conf_thres", "slices",
+    "agnostic_nms",
 )
 SLICE_KEYS = ("size", "overlap", "imgsz", "merge", "match_metric", "match_threshold")
 SLICE_MERGES = ("greedy_nmm", "nms")
@@ -87,13 +88,14 @@ class DetectSettings:
     class_map: tuple[tuple[str, str | None], ...] | None = None
     class_conf_thres: tuple[tuple[str, float], ...] = ()  # road class name -> its own confidence threshold
     slices: SliceSettings | None = None
+    agnostic_nms: tuple[str, ...] = ()  # road classes that suppress one another in NMS (one vehicle, one box)
 
     def settings(self) -> dict[str, Any]:
         """Every setting that shapes the boxes, as JSON (the model block of the manifests)."""
         return {
             "imgsz": self.imgsz, "conf_thres": self.conf_thres, "iou_thres": self.iou_thres, "max_det": self.max_det,
             "class_map": "identity" if self.class_map is None else dict(self.class_map),
-            "class_conf_thres": dict(self.class_conf_thres),
+            "class_conf_thres": dict(self.class_conf_thres), "agnostic_nms": list(self.agnostic_nms),
             "slices": None if self.slices is None else {**asdict(self.slices), "size": list(self.slices.size)},
         }
 
@@ -328,7 +330,8 @@ def validate_road(raw: dict) -> RoadConfig:
         raise _fail(road, "detect.imgsz", f"must be a multiple of 32, got {detect.imgsz}")
     detect = replace(detect, class_map=_class_map(road, det.get("class_map", "identity"), classes),
                      class_conf_thres=_class_conf(road, det.get("class_conf_thres"), classes),
-                     slices=_slices(road, det.get("slices")))
+                     slices=_slices(road, det.get("slices")),
+                     agnostic_nms=_agnostic(road, det.get("agnostic_nms"), classes))
     for key in ("schedule", "kubernetes"):
         if not isinstance(raw.get(key, {}), dict):
             raise _fail(road, key, "must be a mapping")
@@ -367,6 +370,16 @@ def _class_conf(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[
             raise _fail(road, key, f"{name!r} is not one of the road's classes {list(classes)}")
         out.append((name, _number(road, f"{key}.{name}", thr, float, 0, 1)))
     return tuple(out)
+
+
+def _agnostic(road: str, value: Any, classes: tuple[str, ...]) -> tuple[str, ...]:
+    if value is None or value == []:
+        return ()
+    names = _str_list(road, "detect.agnostic_nms", value)
+    for name in names:
+        if name not in classes:
+            raise _fail(road, "detect.agnostic_nms", f"{name!r} is not one of the road's classes {list(classes)}")
+    return names
 
 
 def _slices(road: str, value: Any) -> SliceSettings | None:
