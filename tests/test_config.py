@@ -23,7 +23,8 @@ def test_shipped_roads_file_is_valid():
     r = load_road(ROADS_FILE, "daewang_pangyo")
     assert r.name == "대왕판교"
     assert r.detect.cameras == ("side1", "side2")
-    assert r.cameras == CAMS and len(r.classes) == 80
+    assert r.cameras == CAMS and r.classes == ("person", "bicycle", "car", "motorcycle", "bus", "truck")
+    assert r.detect.class_map == (("train", None),) and r.detect.imgsz == 1280
     assert r.schedule["cron"] == "0 9 * * 1-5" and r.schedule["timezone"] == "Asia/Seoul"
 
 

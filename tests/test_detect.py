@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import DAY, REAL_WEIGHTS, ROAD, SHARED, real_photos, write_roads_file
 
 from answersheet.cli import main
@@ -33,6 +34,14 @@ N_SETS = 11  # 22 images: every photo once, several sizes, so batches group by s
 LAYOUT = DayLayout(ROAD, DAY)
 BUS = SHARED / "samples" / "bus.jpg"
 TINY = {"conf_thres": 0.25, "imgsz": 320, "max_det": 100}  # the tiny model: tens of boxes per photo
+# The example road maps to road classes at its own settings; these tests check `yolov5 detect`'s output.
+IDENTITY = {"class_map": "identity", "class_conf_thres": None, "slices": None, "agnostic_nms": None, "imgsz": 640}
+COCO80 = yaml.safe_load((Path(__file__).parents[1] / "dags" / "roads.yaml").read_text())["defaults"]["classes"]
+
+
+def write_identity_roads(path: Path, bucket: str, detect: dict, **road) -> Path:
+    """The shipped roads file with the example road in identity mode (80 COCO classes, no map, no slices)."""
+    return write_roads_file(path, bucket, **{"classes": COCO80, **road}, detect={**IDENTITY, **detect})
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -42,7 +51,7 @@ def day_photos() -> list[Path]:
 
 def make_day(store: Store, tmp_path: Path, weights: str, sha: str, n_sets: int = N_SETS, **detect) -> Path:
     """Upload a day of archives, ingest it with the real stage; returns the roads file."""
-    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
                              detect={"weights": weights, "sha256": sha, "backend": "torch", **detect})
     upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, n_sets, day_photos()))
     ingest_day(road_day(store, roads))
@@ -107,7 +116,7 @@ def copy_day(src: Store, dst: Store) -> None:
 def tiny_copy(tiny_day, store, tmp_path):
     """A fresh bucket holding the tiny day's ingest (nothing detected yet) and its roads file."""
     copy_day(tiny_day["store"], store)
-    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
                              detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "backend": "torch",
                                      "batch_size": 4, **TINY})
     return store, roads
@@ -332,7 +341,7 @@ def test_onnx_export_round_trip_agrees_with_torch(tiny_day, tiny_copy, capsys):
     digest = hashlib.sha256(models.get(key)).hexdigest()
     assert out["onnx_sha256"] == digest
     assert models.get(key + ".sha256").decode() == f"{digest}  tiny.onnx\n"
-    roads = write_roads_file(roads, store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(roads, store.bucket, cameras=list(CAMERAS),
                              detect={"weights": weights, "sha256": tiny_day["sha"], "onnx": onnx_uri,
                                      "onnx_sha256": digest, "backend": "onnx", "batch_size": 4, **TINY})
     assert detect_cli(roads) == 0
@@ -340,7 +349,7 @@ def test_onnx_export_round_trip_agrees_with_torch(tiny_day, tiny_copy, capsys):
     assert (m["model"]["backend"], m["model"]["onnx_sha256"]) == ("onnx", digest)
     assert_agree(tiny_day["labels"], labels(store))
     # A wrong ONNX digest is refused like wrong weights.
-    bad = write_roads_file(roads, store.bucket, cameras=list(CAMERAS),
+    bad = write_identity_roads(roads, store.bucket, cameras=list(CAMERAS),
                            detect={"weights": weights, "sha256": tiny_day["sha"], "onnx": onnx_uri,
                                    "onnx_sha256": "0" * 64, "backend": "onnx", **TINY})
     assert detect_cli(bad, "--force") == 1
@@ -586,7 +595,7 @@ def nothing_written(store: Store) -> bool:
 
 def test_weights_sha_mismatch_is_a_clear_error_and_writes_nothing(tiny_day, tiny_copy, capsys):
     store, _ = tiny_copy
-    roads = write_roads_file(tiny_day["tmp"] / "bad-sha.yaml", store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(tiny_day["tmp"] / "bad-sha.yaml", store.bucket, cameras=list(CAMERAS),
                              detect={"weights": tiny_day["weights"], "sha256": "a" * 64, "backend": "torch"})
     assert detect_cli(roads) == 1
     err = capsys.readouterr().err
@@ -601,7 +610,7 @@ def test_corrupt_weights_file_is_a_clear_error(tiny_copy, tmp_path, capsys, tiny
                        ("truncated.pt", tiny_weights[0].read_bytes()[:50_000])):
         path = tmp_path / name
         path.write_bytes(data)
-        roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
+        roads = write_identity_roads(tmp_path / "roads.yaml", store.bucket, cameras=list(CAMERAS),
                                  detect={"weights": str(path), "sha256": hashlib.sha256(data).hexdigest(),
                                          "backend": "torch"})
         assert detect_cli(roads) == 1
@@ -613,7 +622,7 @@ def test_corrupt_weights_file_is_a_clear_error(tiny_copy, tmp_path, capsys, tiny
 
 def test_class_count_mismatch_is_a_clear_error(tiny_day, tiny_copy, capsys):
     store, _ = tiny_copy
-    roads = write_roads_file(tiny_day["tmp"] / "classes.yaml", store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(tiny_day["tmp"] / "classes.yaml", store.bucket, cameras=list(CAMERAS),
                              classes=["car", "truck", "bus"],
                              detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "backend": "torch"})
     assert detect_cli(roads) == 1
@@ -623,7 +632,7 @@ def test_class_count_mismatch_is_a_clear_error(tiny_day, tiny_copy, capsys):
 
 def test_missing_ingest_manifest_names_the_stage(store, tmp_path, tiny_weights):
     path, sha = tiny_weights
-    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, detect={"weights": str(path), "sha256": sha})
+    roads = write_identity_roads(tmp_path / "roads.yaml", store.bucket, detect={"weights": str(path), "sha256": sha})
     with pytest.raises(AnswersheetError, match="ingest/manifest.json: missing — run the ingest stage"):
         from answersheet.detect import detect_day
 
@@ -689,7 +698,7 @@ def test_real_weights_onnx_backend_agrees(real_day, capsys):
     weights = f"s3://{store.bucket}/models/yolov5n.pt"
     assert main(["export-onnx", "--weights", weights, "--sha256", real_day["sha"]]) == 0
     digest = json.loads(capsys.readouterr().out)["onnx_sha256"]
-    roads = write_roads_file(real_day["tmp"] / "onnx.yaml", store.bucket, cameras=list(CAMERAS),
+    roads = write_identity_roads(real_day["tmp"] / "onnx.yaml", store.bucket, cameras=list(CAMERAS),
                              detect={"weights": weights, "sha256": real_day["sha"],
                                      "onnx": f"s3://{store.bucket}/models/yolov5n.onnx", "onnx_sha256": digest,
                                      "backend": "onnx"})

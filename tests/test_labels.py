@@ -23,7 +23,8 @@ def coco_names() -> dict[int, str]:
 
 def road(classes=None, **detect):
     raw = read_roads_file(ROADS_FILE)[0]
-    raw = {**raw, "detect": {**raw["detect"], **detect}}
+    base = {"class_conf_thres": None, "agnostic_nms": None, "slices": None}  # not the example road's own
+    raw = {**raw, "detect": {**raw["detect"], **base, **detect}}
     if classes is not None:
         raw["classes"] = classes
     return validate_road(raw)
