@@ -133,7 +133,7 @@ class RoadConfig:
                        "max_det": d.max_det, "n_classes": len(self.classes),
                        # road classes: which boxes exist, their ids and thresholds, how views merge
                        "classes": self.classes, "class_map": d.class_map, "class_conf_thres": d.class_conf_thres,
-                       "slices": asdict(d.slices) if d.slices else None},
+                       "agnostic_nms": d.agnostic_nms, "slices": asdict(d.slices) if d.slices else None},
             # set completeness, placeholders, the selected flag and notes of missing cameras
             "preprocess": {"id": self.id, "cameras": self.cameras, "short_set_policy": self.short_set_policy,
                            "selected": d.cameras},
