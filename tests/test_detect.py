@@ -401,7 +401,7 @@ def other_weights(tmp_path_factory) -> tuple[Path, str]:
 
 
 def onnx_roads(path: Path, store: Store, weights: str, sha: str, onnx: Path, onnx_sha: str) -> Path:
-    return write_roads_file(path, store.bucket, cameras=list(CAMERAS),
+    return write_identity_roads(path, store.bucket, cameras=list(CAMERAS),
                             detect={"weights": weights, "sha256": sha, "onnx": str(onnx), "onnx_sha256": onnx_sha,
                                     "backend": "onnx", "batch_size": 4, **TINY})
 
@@ -494,7 +494,7 @@ def cache_objects(store: Store) -> dict[str, bytes]:
 
 def auto_roads(path: Path, store: Store, tiny_day: dict) -> Path:
     """The shipped roads file with the tiny weights: backend auto, no detect.onnx."""
-    return write_roads_file(path, store.bucket, cameras=list(CAMERAS),
+    return write_identity_roads(path, store.bucket, cameras=list(CAMERAS),
                             detect={"weights": tiny_day["weights"], "sha256": tiny_day["sha"], "batch_size": 4,
                                     **TINY})
 
