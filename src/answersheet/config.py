@@ -97,6 +97,7 @@ class DetectSettings:
             "class_map": "identity" if self.class_map is None else dict(self.class_map),
             "class_conf_thres": dict(self.class_conf_thres), "agnostic_nms": list(self.agnostic_nms),
             "slices": None if self.slices is None else {**asdict(self.slices), "size": list(self.slices.size)},
+            "tta": False,  # horizontal-flip TTA is not built (BENCHMARKS.md "Accuracy")
         }
 
 
