@@ -22,7 +22,7 @@ import yaml
 # Every key a road may have; the same tuple as answersheet.config.ROAD_KEYS (tests/test_contract.py).
 ROAD_KEYS = (
     "id", "name", "bucket", "cameras", "classes", "short_set_policy",
-    "ingest", "detect", "schedule", "kubernetes",
+    "ingest", "detect", "schedule", "kubernetes", "unlabelled_labels", "sheet",
 )
 ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
 MODES = ("kubernetes", "local")

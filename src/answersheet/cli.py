@@ -63,7 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("detect", "run"):
             _add_detect(p)
     _add_export_onnx(sub)
+    _add_pull(sub)
     return parser
+
+
+def _add_pull(sub) -> None:
+    help_text = "download a published answer sheet to a directory, every object checked against its manifest"
+    p = sub.add_parser("pull", help=help_text, description=help_text)
+    p.add_argument("--road", required=True, help="road id")
+    p.add_argument("--date", required=True, help="day YYYY-MM-DD")
+    p.add_argument("--out", required=True, help="directory to write the sheet into (created)")
+    p.add_argument("--bucket", default=None, help="bucket (default: the road's `bucket` key from --config)")
+    p.add_argument("--config", default=os.environ.get("ANSWERSHEET_CONFIG"), help="roads file (for the bucket)")
+
+
+def _pull(args: argparse.Namespace) -> dict:
+    from answersheet.config import load_road
+    from answersheet.layout import parse_day
+    from answersheet.pull import pull
+    from answersheet.storage import Store
+
+    if not args.bucket and not args.config:
+        raise AnswersheetError("pull: pass --bucket, or --config (or ANSWERSHEET_CONFIG) to use the road's bucket")
+    bucket = args.bucket or load_road(args.config, args.road).bucket
+    try:
+        day = parse_day(args.date)
+    except ValueError as exc:
+        raise AnswersheetError(str(exc)) from None
+    return pull(Store(bucket), args.road, day, Path(args.out))
 
 
 def _add_export_onnx(sub) -> None:
@@ -139,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
     try:
-        if args.command == "export-onnx":
-            print(json.dumps(_export_onnx(args)))
+        if args.command in ("export-onnx", "pull"):
+            print(json.dumps((_export_onnx if args.command == "export-onnx" else _pull)(args)))
             return 0
         rd = _road_day(args)
         stages = STAGES if args.command == "run" else (args.command,)

@@ -28,8 +28,11 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Every key a road may have. The DAG factory keeps the same list (tests/test_contract.py checks).
 ROAD_KEYS = (
     "id", "name", "bucket", "cameras", "classes", "short_set_policy",
-    "ingest", "detect", "schedule", "kubernetes",
+    "ingest", "detect", "schedule", "kubernetes", "unlabelled_labels", "sheet",
 )
+UNLABELLED_LABELS = ("none", "empty")
+SHEET_KEYS = ("image_urls", "presign_expiry_s", "drift_days", "report_samples")
+IMAGE_URLS = ("s3", "presigned")
 INGEST_KEYS = ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members", "workers")
 DETECT_KEYS = (
     "cameras", "weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres",
@@ -102,6 +105,16 @@ class DetectSettings:
 
 
 @dataclass(frozen=True)
+class SheetSettings:
+    """How the answer sheet is published: image URLs of the Label Studio tasks, drift history, report size."""
+
+    image_urls: str = "s3"  # s3:// URIs (Label Studio resolves them through a connected S3 storage) | presigned
+    presign_expiry_s: int = 7 * 24 * 3600  # presigned URL lifetime (S3's SigV4 maximum is 7 days)
+    drift_days: int = 5  # compare each camera with the road's last N published days
+    report_samples: int = 6  # images per report sample section
+
+
+@dataclass(frozen=True)
 class RoadConfig:
     """One road, defaults merged in and validated."""
 
@@ -115,6 +128,13 @@ class RoadConfig:
     detect: DetectSettings
     schedule: dict[str, Any] = field(default_factory=dict)
     kubernetes: dict[str, Any] = field(default_factory=dict)
+    unlabelled_labels: str = "none"  # none: no label file for images not sent to the detector | empty
+    sheet: SheetSettings = field(default_factory=SheetSettings)
+
+    @property
+    def timezone(self) -> str:
+        """The road's IANA time zone (schedule.timezone): capture times in the datasheet carry its offset."""
+        return str(self.schedule.get("timezone") or "UTC")
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings that change `stage`'s own output — and nothing else, so that changing
@@ -137,9 +157,12 @@ class RoadConfig:
                        "agnostic_nms": d.agnostic_nms, "slices": asdict(d.slices) if d.slices else None},
             # set completeness, placeholders, the selected flag and notes of missing cameras
             "preprocess": {"id": self.id, "cameras": self.cameras, "short_set_policy": self.short_set_policy,
-                           "selected": d.cameras},
-            # classes.txt, the datasheet's columns and road columns, the report's title
-            "datasheet": {"id": self.id, "name": self.name, "classes": self.classes},
+                           "selected": d.cameras, "unlabelled_labels": self.unlabelled_labels},
+            # classes.txt, the datasheet's columns and road columns, the report's title; capture-time offsets,
+            # task image URLs, drift history, report samples; review priority (thresholds)
+            "datasheet": {"id": self.id, "name": self.name, "classes": self.classes, "timezone": self.timezone,
+                          "sheet": self.sheet.__dict__, "unlabelled_labels": self.unlabelled_labels,
+                          "conf_thres": d.conf_thres, "class_conf_thres": d.class_conf_thres},
         }
         if stage not in scopes:
             raise ValueError(f"unknown stage {stage!r}")
@@ -152,6 +175,8 @@ class RoadConfig:
             body: dict[str, Any] = {
                 "id": self.id, "name": self.name, "cameras": self.cameras, "classes": self.classes,
                 "short_set_policy": self.short_set_policy, "detect": asdict(self.detect),
+                "unlabelled_labels": self.unlabelled_labels, "sheet": self.sheet.__dict__,
+                "timezone": self.timezone,
             }
         else:
             body = {"stage": stage, **self.stage_settings(stage)}
@@ -340,6 +365,42 @@ def validate_road(raw: dict) -> RoadConfig:
         id=road, name=name, bucket=bucket, cameras=cameras, classes=classes,
         short_set_policy=policy, ingest=limits, detect=detect,
         schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
+        unlabelled_labels=_unlabelled_labels(road, raw), sheet=_sheet_settings(road, raw),
+    )
+
+
+def _unlabelled_labels(road: str, raw: dict) -> str:
+    value = raw.get("unlabelled_labels", "none")
+    if value not in UNLABELLED_LABELS:
+        raise _fail(road, "unlabelled_labels", f"must be one of {UNLABELLED_LABELS}, got {value!r}")
+    return value
+
+
+def _sheet_settings(road: str, raw: dict) -> SheetSettings:
+    """The `sheet:` section (image URLs in the Label Studio tasks, drift history, report sample size)."""
+    sheet = raw.get("sheet") or {}
+    if not isinstance(sheet, dict):
+        raise _fail(road, "sheet", "must be a mapping")
+    _check_keys(road, "sheet.", sheet, SHEET_KEYS)
+    base = SheetSettings()
+    urls = sheet.get("image_urls", base.image_urls)
+    if urls not in IMAGE_URLS:
+        raise _fail(road, "sheet.image_urls", f"must be one of {IMAGE_URLS}, got {urls!r}")
+    tz = raw.get("schedule", {}).get("timezone") if isinstance(raw.get("schedule"), dict) else None
+    if tz is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(str(tz))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise _fail(road, "schedule.timezone", f"unknown time zone {tz!r}") from None
+    return SheetSettings(
+        image_urls=urls,
+        presign_expiry_s=_number(road, "sheet.presign_expiry_s", sheet.get("presign_expiry_s", base.presign_expiry_s),
+                                 int, 60, 7 * 24 * 3600),
+        drift_days=_number(road, "sheet.drift_days", sheet.get("drift_days", base.drift_days), int, 0, 60),
+        report_samples=_number(road, "sheet.report_samples", sheet.get("report_samples", base.report_samples),
+                               int, 1, 100),
     )
 
 

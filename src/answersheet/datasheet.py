@@ -1,5 +1,8 @@
 """datasheet: publish the day's answer sheet under answersheet/<road>/<YYYYMMDD>/.
 
+Paths inside the sheet (datasheet columns, list files, COCO file names, report links) are relative to the
+sheet's root, so a downloaded sheet (`answersheet pull`) resolves them next to the CSV.
+
 Rows are the preprocess manifest's: one per image (and per missing camera), plus the first
 rejections one by one and one summary row per kind for the rest — the full list of rejected members
 stays in the ingest manifest, so 200k junk members no longer make a 67 MB datasheet.csv (21 KB now).
@@ -8,51 +11,152 @@ stays in the ingest manifest, so 200k junk members no longer make a 67 MB datash
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import logging
 import time
+from collections import Counter
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from answersheet import __version__, manifest
+from PIL import Image
+
+from answersheet import __version__, exports, manifest
 from answersheet.day import RoadDay
+from answersheet.drift import camera_stats, drift
 from answersheet.progress import Progress
-from answersheet.report import draw_boxes, pick_samples, render_html
+from answersheet.report import (
+    STATUS_MEANINGS,
+    THUMB_FONT_PX,
+    THUMB_WIDTH,
+    bar_svg,
+    confidence_bins,
+    draw_boxes,
+    render_html,
+)
+from answersheet.review import (
+    confidence_stats,
+    from_label,
+    load_predictions,
+    merged_predictions_jsonl,
+    review_priority,
+)
 from answersheet.storage import run_bounded, sha256_bytes
 
 log = logging.getLogger(__name__)
 
-REPORT_SAMPLES = 12
+STATUSES = ("detected", "empty", "not_detected", "missing", "rejected", "failed")
 BASE_COLUMNS = ["set_id", "capture_time", "road", "road_name", "camera", "image", "label", "status", "selected",
-                "boxes"]
+                "boxes", "mean_conf", "min_conf", "review_priority"]
+REJECTED_SHOWN = 50  # rejection rows listed in the report (all are in the datasheet)
+
+
+def with_offset(local_iso: str, tz: str) -> str:
+    """`2026-11-02T09:00:07` in the road's zone -> `2026-11-02T09:00:07+09:00` ('' stays '')."""
+    if not local_iso:
+        return ""
+    return dt.datetime.fromisoformat(local_iso).replace(tzinfo=ZoneInfo(tz)).isoformat()
+
+
+def status_of(row: dict[str, Any]) -> str:
+    """The published status: preprocess's, with days preprocessed before `not_detected`/`failed` existed
+    mapped onto the new vocabulary (an unselected `empty` was never looked at; a `detect:` rejection failed)."""
+    s = row["status"]
+    if s == "empty" and not row.get("selected"):
+        return "not_detected"
+    if s == "rejected" and str(row.get("note", "")).startswith("detect:"):
+        return "failed"
+    return s
+
+
+def sheet_rows(rd: RoadDay, pre_rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preprocess rows + what the sheet adds: relative paths, offset capture time, confidences, priority."""
+    road = rd.road
+    out = []
+    for r in pre_rows:
+        status = status_of(r)
+        label_key = r.get("label_key")
+        if status == "not_detected" and road.unlabelled_labels == "none":
+            label_key = None
+        rec = preds.get(r["name"]) if status in exports.LABELLED else None
+        mean_conf, min_conf = confidence_stats(rec)
+        out.append({
+            **r, "status": status, "label_key": label_key,
+            "image": f"images/{r['name']}" if r.get("image_key") else "",
+            "label": f"labels/{r['name'][:-4]}.txt" if label_key else "",
+            "capture_time": with_offset(r["capture_time"], road.timezone),
+            "mean_conf": mean_conf, "min_conf": min_conf,
+            "review_priority": review_priority(status, rec, road.detect.conf_thres),
+        })
+    return out
 
 
 def summary_rows(rejections: dict[str, Any]) -> list[dict[str, Any]]:
     """One `rejected` row per kind of rejection not listed one by one (empty name, count in the note)."""
     where = rejections.get("full_list", "the ingest manifest")
-    return [{"set_id": "", "capture_time": "", "camera": "", "image_key": None, "label_key": None,
-             "status": "rejected", "selected": False, "boxes": 0, "per_class": {},
-             "note": f"{n} more rejected member(s) not listed here: {kind} (every rejection is in {where})"}
+    return [{"set_id": "", "capture_time": "", "camera": "", "image": "", "label": "", "status": "rejected",
+             "selected": False, "boxes": 0, "mean_conf": None, "min_conf": None, "review_priority": None,
+             "per_class": {}, "note": f"{n} more rejected member(s) not listed here: {kind} (every rejection is in "
+                                      f"{where})"}
             for kind, n in (rejections.get("unlisted_by_kind") or {}).items()]
 
 
-def datasheet_csv(rd: RoadDay, rows: list[dict[str, Any]], out_key: dict[str, str]) -> bytes:
+def datasheet_csv(rd: RoadDay, rows: list[dict[str, Any]]) -> bytes:
     """One row per image; UTF-8 with BOM and CRLF so Excel opens it with Korean text intact."""
     classes = rd.road.classes
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(BASE_COLUMNS + [f"n_{c}" for c in classes] + ["note"])
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:.4f}"
+
     for r in rows:
         per_class = [r["per_class"].get(str(i), 0) for i in range(len(classes))]
         writer.writerow([
-            r["set_id"], r["capture_time"], rd.road.id, rd.road.name, r["camera"],
-            out_key.get(r["image_key"] or "", ""), out_key.get(r["label_key"] or "", ""), r["status"],
-            "yes" if r["selected"] else "no", r["boxes"], *per_class, r["note"],
+            r["set_id"], r["capture_time"], rd.road.id, rd.road.name, r["camera"], r["image"], r["label"],
+            r["status"], "yes" if r["selected"] else "no", r["boxes"], num(r["mean_conf"]), num(r["min_conf"]),
+            num(r["review_priority"]), *per_class, r["note"],
         ])
     return buf.getvalue().encode("utf-8-sig")
 
 
+def _fill_predictions(rd: RoadDay, rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> None:
+    """Labels-only fallback (a day detected before predictions files existed): boxes from the label files,
+    sizes from the JPEG headers, no confidences."""
+    for r in rows:
+        if status_of(r) in exports.LABELLED and r["name"] not in preds:
+            with Image.open(io.BytesIO(rd.store.get(r["image_key"]))) as im:
+                size = im.size
+            text = rd.store.get(r["label_key"]).decode() if r.get("label_key") else ""
+            preds[r["name"]] = from_label(r["name"], text, rd.road.classes, size)
+
+
+def _pick(rows: list[dict[str, Any]], key, n: int, cond) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if cond(r)), key=key)[:n]
+
+
+def sample_sections(rows: list[dict[str, Any]], n: int, cameras: tuple[str, ...]) -> tuple[list, list]:
+    """(review-first rows, [(title, rows)]): the stratified samples of the report."""
+    looked = [r for r in rows if r["image"]]
+    review = _pick(looked, lambda r: (-r["review_priority"], r["name"]), n,
+                   lambda r: r["review_priority"] is not None and r["status"] == "detected")
+    per_camera = []
+    for cam in cameras:  # the busiest image of every camera (an unlooked camera: its first image)
+        mine = [r for r in looked if r["camera"] == cam]
+        if mine:
+            per_camera.append(sorted(mine, key=lambda r: (-r["boxes"], r["name"]))[0])
+    lowest = _pick(looked, lambda r: (r["mean_conf"], r["name"]), n, lambda r: r["mean_conf"] is not None)
+    empty = _pick(looked, lambda r: r["name"], n, lambda r: r["status"] == "empty")
+    short_ids = sorted({r["set_id"] for r in rows if r["status"] == "missing"})[:2]
+    short = [r for r in looked if r["set_id"] in short_ids]
+    return review, [("Every camera", per_camera), ("Lowest confidence", lowest),
+                    ("Empty (the detector looked and found nothing)", empty),
+                    ("Short sets (the images that are there)", short[: 2 * n])]
+
+
 def datasheet_day(rd: RoadDay) -> dict[str, Any]:
-    """Copy images and labels into the answer sheet, write classes/datasheet/report, commit manifest."""
+    """Copy images and labels into the answer sheet, write the datasheet, exports and report, commit manifest."""
     lay, store, road = rd.layout, rd.store, rd.road
     pre = manifest.require(store, lay.preprocess_manifest, "preprocess")
     shards = road.detect.shards
@@ -64,58 +168,164 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
     if done:
         return {"manifest": store.uri(lay.out_manifest), "counts": done["counts"], "skipped": True}
     started = manifest.begin(store, lay.out_manifest)
-    rows: list[dict[str, Any]] = pre["rows"]
+
+    preds, pred_source = load_predictions(rd)
+    if pred_source != "predictions":
+        log.warning("datasheet: no predictions files under %s: boxes from the label files, without confidences",
+                    store.uri(lay.work_prefix + "detect/"))
+        _fill_predictions(rd, pre["rows"], preds)
+    rows = sheet_rows(rd, pre["rows"], preds)
+    looked = {r["name"] for r in rows if r["status"] in exports.LABELLED}
+    preds = {k: v for k, v in preds.items() if k in looked}
 
     outputs: dict[str, str] = {}
     copies: list[tuple[str, str]] = []
-    out_key: dict[str, str] = {}
     for r in rows:
-        if r["image_key"]:
-            out_key[r["image_key"]] = dst = f"{lay.out_images}{r['name']}"
-            copies.append((r["image_key"], dst))
-            outputs[dst] = r["image_sha256"]
-        if r["label_key"]:
-            out_key[r["label_key"]] = dst = f"{lay.out_labels}{r['name'][:-4]}.txt"
-            copies.append((r["label_key"], dst))
-            outputs[dst] = r["label_sha256"]
+        if r["image"]:
+            copies.append((r["image_key"], lay.out(r["image"])))
+            outputs[lay.out(r["image"])] = r["image_sha256"]
+        if r["label"]:
+            copies.append((r["label_key"], lay.out(r["label"])))
+            outputs[lay.out(r["label"])] = r["label_sha256"]
     progress = Progress("datasheet copy", len(copies), unit="obj")
     run_bounded((lambda s=s, d=d: store.copy(s, d) for s, d in copies), road.ingest.workers,
                 on_done=lambda _: progress.advance())
     progress.finish()
 
-    def put(key: str, data: bytes, content_type: str) -> None:
-        outputs[key] = store.put(key, data, content_type)
+    def put(rel: str, data: bytes, content_type: str) -> None:
+        outputs[lay.out(rel)] = store.put(lay.out(rel), data, content_type)
 
-    put(f"{lay.out_prefix}classes.txt", ("\n".join(road.classes) + "\n").encode(), "text/plain; charset=utf-8")
+    classes_txt = ("\n".join(road.classes) + "\n").encode()
+    put("classes.txt", classes_txt, "text/plain; charset=utf-8")
     rejections = pre.get("rejections") or {}
-    put(f"{lay.out_prefix}datasheet.csv", datasheet_csv(rd, rows + summary_rows(rejections), out_key),
-        "text/csv; charset=utf-8")
+    put("datasheet.csv", datasheet_csv(rd, rows + summary_rows(rejections)), "text/csv; charset=utf-8")
+    put("predictions.jsonl", merged_predictions_jsonl(preds.values()), "application/x-ndjson")
+    model_version = _model_version(pre.get("model", {}))
+    _put_exports(rd, rows, preds, model_version, put)
 
-    per_class_names = {road.classes[int(i)] if int(i) < len(road.classes) else i: n
-                       for i, n in pre["counts"].get("per_class", {}).items()}
-    samples = []
-    for i, r in enumerate(pick_samples(rows, REPORT_SAMPLES)):
-        drawn = draw_boxes(store.get(r["image_key"]), store.get(r["label_key"]).decode(), road.classes)
-        rel = f"report/{i:02d}_{r['name']}"
-        put(f"{lay.out_prefix}{rel}", drawn, "image/jpeg")
-        samples.append((rel, r))
-    counts = {k: v for k, v in pre["counts"].items() if k != "per_class"}
-    page = render_html(f"{road.name} ({road.id}) {rd.day.isoformat()} — answer sheet", counts, per_class_names,
-                       pre.get("short_sets", {}), [r for r in rows if r["status"] == "rejected"], samples,
-                       rejections=rejections, unusable_sets=pre.get("unusable_sets", []))
-    put(f"{lay.out_prefix}report.html", page.encode(), "text/html; charset=utf-8")
+    stats = camera_stats(rows, preds)
+    drift_block = drift(store, road.id, rd.day, road.sheet.drift_days, stats)
+    status_counts = Counter(r["status"] for r in rows)
+    # rejected rows are capped (first 50 + counts per kind): the totals come from preprocess's summary
+    status_counts["rejected"] = rejections.get("ingest", status_counts["rejected"])
+    status_counts["failed"] = rejections.get("detect", status_counts["failed"])
+    counts = {
+        "images": sum(bool(r["image"]) for r in rows), **{s: status_counts.get(s, 0) for s in STATUSES},
+        "labels": sum(bool(r["label"]) for r in rows), "sets": pre["counts"].get("sets"),
+        "short_sets": pre["counts"].get("short_sets"), "unusable_sets": pre["counts"].get("unusable_sets", 0),
+        "boxes": sum(r["boxes"] for r in rows),
+        "per_class": _per_class(rows, road.classes),
+    }
+    timings = {**pre.get("timings", {}), "preprocess": pre.get("seconds")}
+    _put_report(rd, rows, preds, counts, stats, drift_block, pre, timings, put)
 
     store.delete_stale(lay.out_prefix, set(outputs) | {lay.out_manifest})
-    counts = {**counts, "per_class": per_class_names, "objects": len(outputs)}
-    timings = {**pre.get("timings", {}), "preprocess": pre.get("seconds"),
-               "datasheet": round(time.monotonic() - started, 3)}
+    counts["objects"] = len(outputs)
+    timings["datasheet"] = round(time.monotonic() - started, 3)
     manifest.commit(
         store, lay.out_manifest, "datasheet", digest, outputs, counts, started,
         upstream=manifest.upstream({lay.preprocess_manifest: pre}),
-        road={"id": road.id, "name": road.name}, date=rd.day.isoformat(), package_version=__version__,
-        config_digest=road.digest(), model=pre.get("model", {}), short_sets=pre.get("short_sets", {}),
         unusable_sets=pre.get("unusable_sets", []), rejections=rejections,
-        short_set_policy=pre.get("policy"), timings=timings,
-        classes_sha256=sha256_bytes(("\n".join(road.classes) + "\n").encode()),
+        road={"id": road.id, "name": road.name, "timezone": road.timezone}, date=rd.day.isoformat(),
+        package_version=__version__, config_digest=road.digest(), model=pre.get("model", {}),
+        predictions=pred_source, short_sets=pre.get("short_sets", {}), short_set_policy=pre.get("policy"),
+        unlabelled_labels=road.unlabelled_labels, timings=timings, camera_stats=stats, drift=drift_block,
+        classes_sha256=sha256_bytes(classes_txt),
     )
-    return {"manifest": store.uri(lay.out_manifest), "counts": counts, "skipped": False}
+    return {"manifest": store.uri(lay.out_manifest), "counts": counts, "skipped": False,
+            "drift_flags": len(drift_block["flags"])}
+
+
+def _model_version(model: dict[str, Any]) -> str:
+    """Label Studio's model_version: weights digest prefix + backend, e.g. `yolov5n-4f180cf23ba0 torch`."""
+    sha = str(model.get("onnx_sha256") or model.get("sha256") or "unknown")[:12]
+    return f"{model.get('name') or 'yolov5'}-{sha} {model.get('backend') or ''}".strip()
+
+
+def _per_class(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> dict[str, int]:
+    per: Counter[str] = Counter()
+    for r in rows:
+        for i, n in r["per_class"].items():
+            per[classes[int(i)] if int(i) < len(classes) else i] += n
+    return dict(sorted(per.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _put_exports(rd: RoadDay, rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]], model_version: str,
+                 put) -> None:
+    """data.yaml + lists, COCO instances and results, CVAT's COCO 1.0 zip, Label Studio tasks and config."""
+    road, lay = rd.road, rd.layout
+    labelled = exports.labelled_rows(rows)
+    train, val = exports.train_val_split(labelled)
+    put("data.yaml", exports.data_yaml(road.classes, road.name, rd.day.isoformat()), "application/yaml")
+    put("train.txt", exports.path_list(train), "text/plain; charset=utf-8")
+    put("val.txt", exports.path_list(val), "text/plain; charset=utf-8")
+    title = f"{road.name} ({road.id}) {rd.day.isoformat()}"
+    instances, results = exports.coco(rows, preds, road.classes, lambda r: r["image"], title)
+    put("coco/instances.json", exports.dumps(instances), "application/json")
+    put("coco/results.json", exports.dumps(results), "application/json")
+    cvat, _ = exports.coco(rows, preds, road.classes, lambda r: r["name"], title)
+    put("cvat/coco-1.0.zip", exports.cvat_coco_zip(cvat), "application/zip")
+    if road.sheet.image_urls == "presigned":
+        def url(r: dict[str, Any]) -> str:
+            return rd.store.presign(lay.out(r["image"]), road.sheet.presign_expiry_s)
+    else:
+        def url(r: dict[str, Any]) -> str:
+            return rd.store.uri(lay.out(r["image"]))
+    tasks = exports.label_studio_tasks(rows, preds, model_version, url)
+    put("label-studio/tasks.json", exports.dumps(tasks), "application/json")
+    put("label-studio/config.xml", exports.label_studio_config(road.classes), "application/xml")
+
+
+def _put_report(rd: RoadDay, rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]], counts: dict[str, Any],
+                stats: dict[str, Any], drift_block: dict[str, Any], pre: dict[str, Any],
+                timings: dict[str, Any], put) -> None:
+    """report.html and its images: a thumbnail (boxes drawn) and a full-size drawn copy per sampled image."""
+    road = rd.road
+    review, sections = sample_sections(rows, road.sheet.report_samples, road.cameras)
+    drawn: dict[str, dict[str, Any]] = {}
+    for r in [*review, *(r for _, items in sections for r in items)]:
+        if r["name"] in drawn:
+            continue
+        jpeg = rd.store.get(r["image_key"])
+        boxes = (preds.get(r["name"]) or {}).get("boxes", [])
+        stem = r["name"][:-4]
+        thumb = draw_boxes(jpeg, boxes, width=THUMB_WIDTH, font_px=THUMB_FONT_PX)
+        put(f"report/thumbs/{stem}.jpg", thumb, "image/jpeg")
+        put(f"report/full/{stem}.jpg", draw_boxes(jpeg, boxes), "image/jpeg")
+        drawn[r["name"]] = {**r, "thumb": f"report/thumbs/{stem}.jpg", "full": f"report/full/{stem}.jpg"}
+
+    cams = []
+    for cam in road.cameras:
+        mine = [r for r in rows if r["camera"] == cam]
+        st = stats.get(cam, {})
+        cams.append({"camera": cam, "images": sum(bool(r["image"]) for r in mine),
+                     **{s: sum(r["status"] == s for r in mine) for s in ("detected", "empty", "not_detected")},
+                     "boxes_per_image": st.get("boxes_per_image"), "mean_conf": st.get("mean_conf")})
+    confs = [b["confidence"] for p in preds.values() for b in p["boxes"] if b.get("confidence") is not None]
+    rejected = [r for r in rows if r["status"] in ("rejected", "failed")]
+    rejections = pre.get("rejections") or {}
+    reasons = (list(rejections["by_kind"].items()) if rejections.get("by_kind")
+               else Counter(str(r["note"]).rsplit(": ", 1)[-1] for r in rejected).most_common())
+    model = pre.get("model", {})
+    ctx = {
+        "title": f"{road.name} ({road.id}) {rd.day.isoformat()} — answer sheet",
+        "road_name": road.name, "road_id": road.id, "day": rd.day.isoformat(),
+        "drift": drift_block, "drift_flags": drift_block["flags"],
+        "review": [drawn[r["name"]] for r in review],
+        "statuses": [{"name": s, "count": counts[s], "meaning": STATUS_MEANINGS[s]} for s in STATUSES],
+        "counts": counts, "cameras": cams,
+        "class_svg": bar_svg(list(counts["per_class"].items())),
+        "conf_svg": bar_svg(confidence_bins(confs, road.detect.conf_thres)) if confs else "",
+        "samples": [{"title": t, "rows": [drawn[r["name"]] for r in items]} for t, items in sections],
+        "short_sets": pre.get("short_sets", {}),
+        "rejected_total": rejections.get("total", len(rejected)), "rejected": rejected[:REJECTED_SHOWN],
+        "rejected_reasons": reasons, "rejected_full_list": rejections.get("full_list", ""),
+        "unusable_sets": pre.get("unusable_sets", []),
+        "model": sorted({**{f"model.{k}": v for k, v in model.items()},
+                         "detect.cameras": ", ".join(road.detect.cameras),
+                         "short_set_policy": road.short_set_policy,
+                         "unlabelled_labels": road.unlabelled_labels,
+                         "timezone": road.timezone, "answersheet": __version__}.items()),
+        "timings": [(k, f"{v:.1f} s" if isinstance(v, (int, float)) else "–") for k, v in timings.items()],
+    }
+    put("report.html", render_html(ctx).encode(), "text/html; charset=utf-8")

@@ -71,6 +71,16 @@ class DayLayout:
     def out_manifest(self) -> str:
         return f"{self.out_prefix}manifest.json"
 
+    def out(self, relpath: str) -> str:
+        """An answer-sheet object by its path relative to the sheet (`data.yaml`, `report/x.jpg`): the
+        datasheet, the exports and the report refer to each other by these relative paths."""
+        return f"{self.out_prefix}{relpath}"
+
+
+def published_manifest(road: str, day: dt.date) -> str:
+    """The answer-sheet manifest of another day of the road (drift reads the last published days)."""
+    return DayLayout(road, day).out_manifest
+
 
 # Bucket-wide (not per road-day): ONNX exports of YOLOv5 weights, content-addressed, shared by every road
 # and day whose weights have that sha256 (see onnx_export.cached_export).

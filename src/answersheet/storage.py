@@ -168,6 +168,18 @@ class Store:
                 raise AnswersheetError(f"{self.uri(err['Key'])}: delete failed: {err.get('Code')}")
         return len(keys)
 
+    def presign(self, key: str, expiry_s: int) -> str:
+        """A presigned GET URL for key, valid expiry_s seconds (signed locally: no request is made). SigV4,
+        whose X-Amz-Expires every S3 service honours (botocore's default presign is SigV2 for custom endpoints)."""
+        try:
+            signer = boto3.client("s3", endpoint_url=self.client.meta.endpoint_url,
+                                  region_name=self.client.meta.region_name,
+                                  config=Config(signature_version="s3v4"))
+            return signer.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expiry_s)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(key, exc, "presign") from None
+
     def delete_stale(self, prefix: str, keep: set[str]) -> int:
         """Delete every object under prefix that is not in keep (re-runs leave no leftovers)."""
         stale = [o.key for o in self.list(prefix) if o.key not in keep]
