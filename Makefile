@@ -30,8 +30,29 @@ install: $(VENV)/.installed ## create .venv with the package, torch/yolov5, Airf
 demo: install ## run one road-day end to end on a local real S3 server (SeaweedFS) and write ./demo-output/
 	$(PY) -m answersheet.demo --out demo-output
 
-test: install ## run the test suite (real S3 server, real Airflow, real yolov5)
+test: install importers browser ## run the test suite (real S3 server, real Airflow, real yolov5, real importers, Chromium)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The export tests open the answer sheet with the real importers. datumaro (CVAT's dataset library) and
+# label-studio-sdk pin numpy/pillow/pandas/opencv versions that conflict with yolov5's, so they get a venv of
+# their own (~700 MB, ~80 s), pinned by requirements/importers.txt; the tests run it as a subprocess.
+IMPORTERS_VENV ?= build/importers-venv
+.PHONY: importers browser
+importers: $(IMPORTERS_VENV)/.installed ## venv with datumaro + label-studio-sdk for the export tests
+
+$(IMPORTERS_VENV)/.installed: requirements/importers.txt
+	$(PYTHON) -m venv $(IMPORTERS_VENV)
+	$(IMPORTERS_VENV)/bin/pip install -q -r requirements/importers.txt
+	touch $@
+
+# The report's browser test: Debian's chromium and a CJK font (Korean road names). apt-get only when missing.
+CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
+browser: ## headless Chromium + fonts-noto-cjk from Debian for the report test (apt-get, only when missing)
+	@if command -v chromium >/dev/null && [ -f $(CJK_FONT) ]; then echo "chromium and Noto CJK present"; else \
+	  echo "installing chromium fonts-noto-cjk (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-noto-cjk fonts-dejavu-core >/dev/null; fi
 
 .PHONY: bench bench-detector
 bench: install ## run the benchmarks (figures in BENCHMARKS.md)

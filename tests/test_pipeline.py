@@ -48,6 +48,11 @@ def sheet_objects(store) -> dict[str, bytes]:
     return {o.key[len(LAYOUT.out_prefix):]: store.get(o.key) for o in store.list(LAYOUT.out_prefix)}
 
 
+def without_timings(page: bytes) -> bytes:
+    head, rest = page.split(b'<section id="timings">')
+    return head + rest.split(b"</section>", 1)[1]
+
+
 @pytest.fixture
 def done_day(store, tmp_path, photos, detect_overrides):
     roads = make_day(store, tmp_path, photos, detect_overrides)
@@ -61,8 +66,11 @@ def test_answer_sheet_layout_and_checksums(done_day):
     images = sorted(k for k in objs if k.startswith("images/"))
     labels = sorted(k for k in objs if k.startswith("labels/"))
     assert len(images) == N_SETS * 6 - 1  # the short set lacks its rear image
-    assert len(labels) == N_SETS * 6  # fill policy: a placeholder label for the missing camera
-    assert {k[len("labels/"):-4] for k in labels} >= {k[len("images/"):-4] for k in images}
+    # labels only where the detector looked (side1, side2), plus fill policy's placeholder for the missing rear:
+    # the other cameras' images have no label file (an empty one would say "no objects")
+    assert len(labels) == N_SETS * 2 + 1
+    side = {k[len("images/"):-4] for k in images if k.endswith(("_side1.jpg", "_side2.jpg"))}
+    assert {k[len("labels/"):-4] for k in labels} == side | {f"{ROAD}_20261102_090007_rear"}
     assert objs["classes.txt"].decode().splitlines()[:3] == ["person", "bicycle", "car"]
     manifest = json.loads(objs["manifest.json"])
     # every output object is listed with its real sha256, and nothing else is there
@@ -82,21 +90,23 @@ def test_datasheet_csv_opens_in_excel_with_korean(done_day):
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
     assert len(rows) == N_SETS * 6
     assert {r["road_name"] for r in rows} == {"대왕판교"}
-    by_status = {s: [r for r in rows if r["status"] == s] for s in ("detected", "empty", "missing", "rejected")}
+    by_status = {s: [r for r in rows if r["status"] == s]
+                 for s in ("detected", "empty", "not_detected", "missing", "rejected")}
     assert len(by_status["missing"]) == 1 and by_status["missing"][0]["camera"] == "rear"
     assert by_status["missing"][0]["image"] == ""
     assert by_status["detected"], "the side cameras of real photos must yield boxes"
     for r in rows:
-        assert r["label"] == "" or r["label"].startswith(LAYOUT.out_labels)
+        assert r["label"] == "" or r["label"].startswith("labels/")  # relative to the sheet
         assert int(r["boxes"]) == sum(int(v) for k, v in r.items() if k.startswith("n_"))
         if r["camera"] in ("front", "rear", "left", "right"):
-            assert r["selected"] == "no" and r["status"] in ("empty", "missing")
+            assert r["selected"] == "no" and r["status"] in ("not_detected", "missing")
+    assert all(r["label"] == "" for r in by_status["not_detected"])
     # label files agree with the box counts
     for r in by_status["detected"]:
-        text = store.get(r["label"]).decode()
+        text = store.get(LAYOUT.out(r["label"])).decode()
         assert len(text.splitlines()) == int(r["boxes"])
     for r in by_status["empty"]:
-        assert store.get(r["label"]) == b""
+        assert store.get(LAYOUT.out(r["label"])) == b""
 
 
 def test_report_shows_samples_with_boxes(done_day):
@@ -104,9 +114,10 @@ def test_report_shows_samples_with_boxes(done_day):
     objs = sheet_objects(store)
     page = objs["report.html"].decode()
     assert "대왕판교" in page
-    samples = sorted(k for k in objs if k.startswith("report/"))
-    assert samples and all(f"src='{k}'" in page for k in samples)
-    assert all(objs[k].startswith(b"\xff\xd8") for k in samples)
+    thumbs = sorted(k for k in objs if k.startswith("report/thumbs/"))
+    assert thumbs and all(f'src="{k}"' in page for k in thumbs)
+    assert all(f'href="{k.replace("/thumbs/", "/full/")}"' in page for k in thumbs)
+    assert all(objs[k].startswith(b"\xff\xd8") for k in objs if k.startswith("report/"))
 
 
 def test_rerun_is_byte_identical_and_force_recomputes(done_day, caplog):
@@ -121,7 +132,9 @@ def test_rerun_is_byte_identical_and_force_recomputes(done_day, caplog):
     after = sheet_objects(store)
     assert set(after) == set(before)
     for key in before:
-        if key != "manifest.json":  # the manifest holds timings
+        if key == "report.html":  # its timings section holds this run's timings
+            assert without_timings(after[key]) == without_timings(before[key])
+        elif key != "manifest.json":  # the manifest holds timings
             assert after[key] == before[key], key
     for key in (k for k in after if k.startswith("labels/")):  # no appended duplicate lines
         lines = after[key].decode().splitlines()
@@ -132,7 +145,8 @@ def test_flag_policy_marks_without_placeholders(store, tmp_path, photos, detect_
     roads = make_day(store, tmp_path, photos, detect_overrides, short_set_policy="flag")
     assert run(roads, "run") == [0]
     objs = sheet_objects(store)
-    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 6 - 1
+    # side cameras only; flag policy: no placeholder for the missing rear
+    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 2
     rows = list(csv.DictReader(io.StringIO(objs["datasheet.csv"].decode("utf-8-sig"))))
     missing = [r for r in rows if r["status"] == "missing"]
     assert len(missing) == 1 and missing[0]["label"] == ""
