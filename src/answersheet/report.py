@@ -26,11 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = ["#ff3838", "#2c99a8", "#ff701f", "#6473ff", "#cfd231", "#48f90a", "#92cc17", "#3ddb86",
            "#1a9334", "#00d4bb", "#ff9d97", "#00c2ff", "#344593", "#ff95c8", "#8438ff", "#cb38ff"]
-# TrueType fonts tried in order: CJK first (class names may be Korean), then DejaVu, then Pillow's own
+# TrueType fonts tried in order: CJK/Korean first (class names may be Korean), then DejaVu, then Pillow's own
 # scalable default (Pillow >= 10.1, Latin only). $ANSWERSHEET_FONT wins.
 FONT_CANDIDATES = (
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc",
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf",  # the preprocess image's (fonts-nanum)
     "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
 )
