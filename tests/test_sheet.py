@@ -320,6 +320,21 @@ def test_pull_verifies_sha256_and_resumes(sheet, tmp_path, capsys):
 
 # -- drift across days and the presigned option (re-publish the day: keep these last) -----------------------------
 
+def test_unlabelled_labels_empty_opts_in_to_empty_files_but_exports_still_leave_them_out(sheet, tmp_path):
+    detect = yaml.safe_load(sheet.roads.read_text())["roads"][0]["detect"]
+    roads = write_roads_file(tmp_path / "roads.yaml", sheet.store.bucket, detect=detect, unlabelled_labels="empty")
+    assert run(roads, "preprocess", "datasheet") == [0, 0]
+    rows = [r for r in csv.DictReader(io.StringIO(sheet.store.get(LAYOUT.out("datasheet.csv")).decode("utf-8-sig")))]
+    not_detected = [r for r in rows if r["status"] == "not_detected"]
+    assert not_detected and all(sheet.store.get(LAYOUT.out(r["label"])) == b"" for r in not_detected)
+    train = sheet.store.get(LAYOUT.out("train.txt")).decode() + sheet.store.get(LAYOUT.out("val.txt")).decode()
+    assert not any(r["image"] in train for r in not_detected)
+    coco = json.loads(sheet.store.get(LAYOUT.out("coco/instances.json")))
+    assert not {r["image"] for r in not_detected} & {i["file_name"] for i in coco["images"]}
+    assert run(sheet.roads, "preprocess", "datasheet") == [0, 0]  # back to the default: the files are gone again
+    assert not any(o.key.endswith("_front.txt") for o in sheet.store.list(LAYOUT.out_labels))
+
+
 def test_drift_flags_a_camera_against_earlier_days_without_failing(sheet):
     import datetime as dt
 

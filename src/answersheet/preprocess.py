@@ -120,7 +120,7 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
         }
         det = detected.get(img["name"])
         if img["name"] in failed:
-            row.update(status="rejected", image_key=None, image_sha256=None, label_key=None, label_sha256=None,
+            row.update(status="failed", image_key=None, image_sha256=None, label_key=None, label_sha256=None,
                        note=f"detect: {failed[img['name']]}")
         elif det and det.get("label"):
             if det["label"] not in listed_labels:
@@ -128,18 +128,26 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
             shard_outputs = next(d["outputs"] for d in detects if det["label"] in d["outputs"])
             row.update(status="detected", label_key=det["label"], label_sha256=shard_outputs[det["label"]],
                        boxes=det["boxes"], per_class=det.get("per_class", {}))
+        elif not img["selected"]:
+            # Never looked at: no label file, since an empty one means "no objects" to every YOLO trainer.
+            # `unlabelled_labels: empty` opts in to the old empty files.
+            row.update(status="not_detected", label_key=None, label_sha256=None,
+                       note="camera not sent to the detector")
+            if road.unlabelled_labels == "empty":
+                key = f"{lay.preprocess_labels}{stem}.txt"
+                empty_labels.append(key)
+                row.update(label_key=key, label_sha256=EMPTY_SHA256, note=row["note"] + " (empty label by config)")
         else:
             key = f"{lay.preprocess_labels}{stem}.txt"
             empty_labels.append(key)
-            row.update(status="empty", label_key=key, label_sha256=EMPTY_SHA256,
-                       note="" if img["selected"] else "camera not sent to the detector")
+            row.update(status="empty", label_key=key, label_sha256=EMPTY_SHA256)
         rows.append(row)
 
     # Sets: defined by accepted images only; each needs one usable image per expected camera.
     usable: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         usable.setdefault(row["set_id"], set())
-        if row["status"] != "rejected":
+        if row["status"] not in ("rejected", "failed"):
             usable[row["set_id"]].add(row["camera"])
     unusable = sorted(s for s, cams in usable.items() if not cams)
     short = {s: [c for c in road.cameras if c not in cams] for s, cams in sorted(usable.items()) if cams}
@@ -199,9 +207,10 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     for row in rows:
         for cls, n in row["per_class"].items():
             per_class[cls] += n
-    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "missing")}
+    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "not_detected", "missing")}
     counts = {
-        "images": sum(r["image_key"] is not None for r in rows), **status_counts, "rejected": rejections["total"],
+        "images": sum(r["image_key"] is not None for r in rows), **status_counts,
+        "rejected": rejections["ingest"], "failed": rejections["detect"],
         "sets": len(usable), "short_sets": len(short), "unusable_sets": len(unusable),
         "boxes": sum(r["boxes"] for r in rows),
         "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
