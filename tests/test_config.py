@@ -65,8 +65,22 @@ def test_missing_road_and_bad_yaml(tmp_path):
 
 def test_digest_ignores_schedule_but_not_thresholds():
     base = validate_road(road())
-    assert validate_road(road(schedule={"cron": "0 10 * * *"})).digest() == base.digest()
+    assert validate_road(road(schedule={**road()["schedule"], "cron": "0 10 * * *"})).digest() == base.digest()
     assert validate_road(road(detect={**road()["detect"], "conf_thres": 0.3})).digest() != base.digest()
+    # ... except its time zone: the datasheet's capture times carry the road's UTC offset
+    assert validate_road(road(schedule={**road()["schedule"], "timezone": "UTC"})).digest() != base.digest()
+
+
+def test_sheet_settings_and_unlabelled_labels_are_validated_naming_the_key():
+    r = validate_road(road())
+    assert (r.unlabelled_labels, r.sheet.image_urls, r.timezone) == ("none", "s3", "Asia/Seoul")
+    for over, key in [({"unlabelled_labels": "blank"}, "'unlabelled_labels'"),
+                      ({"sheet": {"image_urls": "http"}}, "'sheet.image_urls'"),
+                      ({"sheet": {"presign_expiry_s": 10**7}}, "'sheet.presign_expiry_s'"),
+                      ({"sheet": {"drift": 3}}, "'sheet.drift'"),
+                      ({"schedule": {"timezone": "Mars/Olympus"}}, "'schedule.timezone'")]:
+        with pytest.raises(ConfigError, match=f"road 'daewang_pangyo': key {key}"):
+            validate_road(road(**over))
 
 
 def test_image_names_parse_from_the_right():

@@ -29,7 +29,14 @@ def test_demo_writes_answer_sheet_and_summary(tmp_path):
     assert manifest["counts"]["images"] == 17 and manifest["counts"]["boxes"] > 0
     rows = list(csv.DictReader(io.StringIO((sheet / "datasheet.csv").read_text(encoding="utf-8-sig"))))
     assert len(rows) == 18
-    assert len(list((sheet / "images").iterdir())) == 17 and len(list((sheet / "labels").iterdir())) == 18
+    # labels: the side cameras the detector looked at, plus the fill policy's placeholder for the missing rear;
+    # none for the not_detected cameras (an empty label file would say "no objects")
+    assert len(list((sheet / "images").iterdir())) == 17 and len(list((sheet / "labels").iterdir())) == 7
+    labels = {p.stem for p in (sheet / "labels").iterdir()}
+    assert not any(r["status"] == "not_detected" and r["image"][7:-4] in labels for r in rows)
     assert (sheet / "report.html").read_text(encoding="utf-8").count("<figure>") >= 1
+    from answersheet.demo import EXPORTS
+
+    assert all((sheet / e).is_file() for e in EXPORTS) and "exports: " + ", ".join(EXPORTS) in summary
     if not REAL_WEIGHTS.is_file() and "ANSWERSHEET_WEIGHTS" not in os.environ:
         assert "RANDOMLY INITIALISED" in proc.stderr

@@ -1,8 +1,8 @@
-"""`make demo`: one road-day end to end on a local S3 endpoint, result copied to ./demo-output/.
+"""`make demo`: one road-day end to end on a local S3 endpoint, result pulled to ./demo-output/.
 
 Starts a real S3 server (SeaweedFS) on 127.0.0.1 (stopped afterwards), writes a sample day composed from real
 photos (one short set), runs the real DAG in local mode (`airflow dags test`, or `--runner cli` for
-`answersheet run`), downloads `answersheet/<road>/<YYYYMMDD>/` and prints a summary.
+`answersheet run`), pulls `answersheet/<road>/<YYYYMMDD>/` (sha256-verified) and prints a summary.
 """
 
 from __future__ import annotations
@@ -106,14 +106,9 @@ def effective_roads_file(src: Path, road_id: str, bucket: str, weights_sha: str,
     return dst
 
 
-def download_prefix(store: Store, prefix: str, dest: Path) -> int:
-    """Copy every object under prefix into dest (relative paths kept); returns the count."""
-    objects = store.list(prefix)
-    for obj in objects:
-        path = dest / obj.key[len(prefix):]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(store.get(obj.key))
-    return len(objects)
+EXPORTS = ("datasheet.csv", "report.html", "data.yaml", "train.txt", "val.txt", "coco/instances.json",
+           "coco/results.json", "cvat/coco-1.0.zip", "label-studio/tasks.json", "label-studio/config.xml",
+           "predictions.jsonl", "classes.txt", "manifest.json")
 
 
 def summary_lines(sheet: dict, classes: tuple[str, ...], out_dir: Path, real_weights: bool) -> list[str]:
@@ -121,14 +116,18 @@ def summary_lines(sheet: dict, classes: tuple[str, ...], out_dir: Path, real_wei
     c = sheet["counts"]
     lines = [
         f"answer sheet: {sheet['road']['name']} ({sheet['road']['id']}) {sheet['date']} -> {out_dir}",
-        f"  images {c['images']} in {c['sets']} sets | detected {c['detected']} | empty labels {c['empty']} | "
-        f"missing {c['missing']} | rejected {c['rejected']} | short sets {c['short_sets']}",
+        f"  images {c['images']} in {c['sets']} sets | detected {c['detected']} | empty {c['empty']} | "
+        f"not_detected {c.get('not_detected', 0)} (no label file) | missing {c['missing']} | "
+        f"rejected {c['rejected']} | failed {c.get('failed', 0)} | short sets {c['short_sets']}",
         f"  boxes {c['boxes']}: " + (", ".join(f"{k} {v}" for k, v in sorted(c['per_class'].items(),
                                                                               key=lambda kv: -kv[1])) or "none"),
     ]
     for set_id, missing in sheet.get("short_sets", {}).items():
         lines.append(f"  short set {set_id}: missing {', '.join(missing)} (policy {sheet['short_set_policy']})")
+    for flag in sheet.get("drift", {}).get("flags", []):
+        lines.append(f"  drift: camera {flag['camera']} {flag['metric']} {flag['today']} (usual {flag['baseline']})")
     lines.append(f"  open {out_dir / 'report.html'} and {out_dir / 'datasheet.csv'}")
+    lines.append("  exports: " + ", ".join(e for e in EXPORTS if (out_dir / e).is_file()))
     if not real_weights:
         lines.append("  WARNING: random-init weights were used: the labels are meaningless")
     return lines
@@ -165,7 +164,9 @@ def run_demo(out: Path, road_id: str, day: dt.date, runner: str, roads_src: Path
         dest = out / road.id / layout.ymd
         if dest.exists():
             shutil.rmtree(dest)
-        download_prefix(store, layout.out_prefix, dest)
+        from answersheet.pull import pull
+
+        pull(store, road.id, day, dest)  # as a user gets it: every object checked against the manifest
         sheet = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
         return summary_lines(sheet, road.classes, dest, real)
 
