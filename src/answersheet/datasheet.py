@@ -72,6 +72,7 @@ def status_of(row: dict[str, Any]) -> str:
 def sheet_rows(rd: RoadDay, pre_rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Preprocess rows + what the sheet adds: relative paths, offset capture time, confidences, priority."""
     road = rd.road
+    class_thres = dict(getattr(road.detect, "class_conf_thres", ()) or ())  # per-class thresholds (detect)
     out = []
     for r in pre_rows:
         status = status_of(r)
@@ -86,7 +87,7 @@ def sheet_rows(rd: RoadDay, pre_rows: list[dict[str, Any]], preds: dict[str, dic
             "label": f"labels/{r['name'][:-4]}.txt" if label_key else "",
             "capture_time": with_offset(r["capture_time"], road.timezone),
             "mean_conf": mean_conf, "min_conf": min_conf,
-            "review_priority": review_priority(status, rec, road.detect.conf_thres),
+            "review_priority": review_priority(status, rec, road.detect.conf_thres, class_thres),
         })
     return out
 
