@@ -318,6 +318,13 @@ def test_pull_verifies_sha256_and_resumes(sheet, tmp_path, capsys):
     assert data["path"] == str(out.resolve())
 
 
+def test_pull_of_an_unpublished_day_is_one_line(sheet, tmp_path, capsys):
+    assert main(["pull", "--road", ROAD, "--date", "2026-11-03", "--bucket", sheet.store.bucket,
+                 "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("answersheet: error: ") and "20261103/manifest.json: missing" in err[0]
+
+
 # -- drift across days and the presigned option (re-publish the day: keep these last) -----------------------------
 
 def test_unlabelled_labels_empty_opts_in_to_empty_files_but_exports_still_leave_them_out(sheet, tmp_path):

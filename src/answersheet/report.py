@@ -78,8 +78,9 @@ def draw_boxes(jpeg: bytes, boxes: Sequence[dict[str, Any]], width: int | None =
         left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)
         tw, th = right - left + 2 * line, bottom - top + 2 * line
         ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside it at the top edge
-        draw.rectangle((x0, ty, x0 + tw, ty + th), fill=color)
-        draw.text((x0 + line - left, ty + line - top), tag, fill="white", font=font)
+        tx = max(0, min(x0, w - tw))  # kept inside the image at the right edge
+        draw.rectangle((tx, ty, tx + tw, ty + th), fill=color)
+        draw.text((tx + line - left, ty + line - top), tag, fill="white", font=font)
     out = io.BytesIO()
     im.save(out, "JPEG", quality=85)
     return out.getvalue()
