@@ -50,8 +50,9 @@ def test_local_mode_dag_produces_the_answer_sheet_and_a_rerun_changes_nothing(st
     sheet = json.loads(store.get(LAYOUT.out_prefix + "manifest.json"))
     images = sorted(k for k in keys if k.startswith(LAYOUT.out_images))
     assert len(images) == sheet["counts"]["images"] == N_SETS * 6 - 1
-    for image in images:  # every image has its YOLO label file
-        assert image.replace("/images/", "/labels/").removesuffix(".jpg") + ".txt" in keys
+    for image in images:  # every image the detector looked at has its YOLO label file, and no other has one
+        has_label = image.replace("/images/", "/labels/").removesuffix(".jpg") + ".txt" in keys
+        assert has_label == image.endswith(("_side1.jpg", "_side2.jpg")), image
     assert store.list(LAYOUT.detect_manifest(0, 2)) and store.list(LAYOUT.detect_manifest(1, 2))
 
     before = bucket_state(store)
