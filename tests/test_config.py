@@ -182,11 +182,14 @@ def test_hygiene_stage_digests_are_scoped():
         return {s for s in ("ingest", "detect", "preprocess", "datasheet") if other.digest(s) != base.digest(s)}
 
     det = road()["detect"]
-    assert changed(detect={**det, "conf_thres": 0.3}) == {"detect"}
+    assert changed(detect={**det, "conf_thres": 0.3}) == {"detect", "datasheet"}  # + review priority
     assert changed(detect={**det, "batch_size": 4, "device": "cpu"}) == set()
     assert changed(detect={**det, "cameras": ["side1"]}) == {"ingest", "detect", "preprocess"}
     assert changed(ingest={"max_ratio": 50}) == {"ingest"}
     assert changed(ingest={"workers": 4}) == set()
     assert changed(short_set_policy="flag") == {"preprocess"}
     assert changed(name="다른 이름") == {"datasheet"}
-    assert changed(schedule={"cron": "0 10 * * *"}) == set()
+    assert changed(unlabelled_labels="empty") == {"preprocess", "datasheet"}
+    assert changed(sheet={"drift_days": 3}) == {"datasheet"}
+    assert changed(schedule={**road()["schedule"], "cron": "0 10 * * *"}) == set()
+    assert changed(schedule={**road()["schedule"], "timezone": "UTC"}) == {"datasheet"}  # capture-time offsets

@@ -243,7 +243,7 @@ def test_item9_rejected_member_invents_no_set(store, tmp_path, photos, detect_ov
     assert run(roads, "run") == [0]
     objs = sheet_objects(store)
     assert not [k for k in objs if "_095959_" in k]
-    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 6
+    assert len([k for k in objs if k.startswith("labels/")]) == N_SETS * 2 + 1  # side cameras + the placeholder
     pre = store.get_json(LAYOUT.preprocess_manifest)
     assert pre["counts"]["sets"] == N_SETS and f"{ROAD}_20261102_095959" not in pre["short_sets"]
     rows = list(csv.DictReader(io.StringIO(objs["datasheet.csv"].decode("utf-8-sig"))))
@@ -290,7 +290,7 @@ def test_item8_rejections_are_counted_not_listed(store, tmp_path, photos, detect
                                            "bad_name (every rejection is in s3://")
     assert len(rows) == N_SETS * 6 + REJECTIONS_LISTED + 1
     page = objs["report.html"].decode()
-    assert f"<h2>Rejected ({junk})</h2>" in page and f"<td>bad_name</td><td>{junk}</td>" in page
+    assert f"<h2>Rejected ({junk})</h2>" in page and f'<td>bad_name</td><td class="num">{junk}</td>' in page
     assert page.count("junk/") == REJECTIONS_LISTED
     pre = store.get_json(LAYOUT.preprocess_manifest)
     assert pre["counts"]["rejected"] == junk and pre["rejections"]["by_kind"] == {"bad_name": junk}
