@@ -325,6 +325,18 @@ def test_pull_of_an_unpublished_day_is_one_line(sheet, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("answersheet: error: ") and "20261103/manifest.json: missing" in err[0]
 
 
+def test_pull_refuses_a_manifest_that_points_outside_the_sheet(sheet, tmp_path, capsys):
+    import datetime as dt
+
+    other = DayLayout(ROAD, dt.date(2026, 11, 5))
+    sheet.store.put_json(other.out_manifest, {"outputs": {other.out("../../../../etc/x"): "0" * 64}})
+    out = tmp_path / "x"
+    assert main(["pull", "--road", ROAD, "--date", "2026-11-05", "--bucket", sheet.store.bucket,
+                 "--out", str(out)]) == 1
+    assert "lists objects outside the sheet" in capsys.readouterr().err and not out.exists()
+    sheet.store.delete([other.out_manifest])
+
+
 # -- drift across days and the presigned option (re-publish the day: keep these last) -----------------------------
 
 def test_unlabelled_labels_empty_opts_in_to_empty_files_but_exports_still_leave_them_out(sheet, tmp_path):

@@ -73,9 +73,12 @@ def pull(store: Store, road: str, day: Any, out: Path, workers: int = 8) -> dict
         raise AnswersheetError(f"{store.uri(lay.out_manifest)}: missing — no published answer sheet for "
                                f"{road} on {day} (run the datasheet stage first)")
     outputs: dict[str, str] = manifest.get("outputs", {})
-    foreign = [k for k in outputs if not k.startswith(lay.out_prefix)]
+    root = out.resolve()
+    foreign = [k for k in outputs if not k.startswith(lay.out_prefix)
+               or not (root / k[len(lay.out_prefix):]).resolve().is_relative_to(root)]
     if foreign:
-        raise AnswersheetError(f"{store.uri(lay.out_manifest)}: lists objects outside the sheet, e.g. {foreign[0]}")
+        raise AnswersheetError(f"{store.uri(lay.out_manifest)}: lists objects outside the sheet, e.g. {foreign[0]!r}; "
+                               "nothing downloaded")
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(f"pull {road} {day}", len(outputs), unit="obj")
     sizes: list[int] = []
