@@ -266,7 +266,7 @@ def test_label_studio_tasks_validate_with_the_sdk_in_review_order(sheet):
 
 # -- the report in a real browser -------------------------------------------------------------------------------
 
-def test_report_opens_in_chromium_every_image_loads_and_korean_renders(sheet):
+def test_report_opens_in_chromium_every_image_loads_and_korean_renders(sheet, capsys):
     from browser import Chromium
 
     report = sheet.dir / "report.html"
@@ -280,7 +280,8 @@ def test_report_opens_in_chromium_every_image_loads_and_korean_renders(sheet):
         fonts = browser.fonts_for("#road-name")
         shot = browser.screenshot(ARTEFACTS / "report.png")
         errors = browser.console_errors()
-    print(f"report screenshot: {shot}")
+    with capsys.disabled():  # always shown: the screenshot is the test's artefact
+        print(f"\nreport screenshot: {shot}")
     assert images and all(w > 0 for _, w in images), [s for s, w in images if w <= 0]
     assert errors == []
     assert css == "solid"  # the td,th rule applies
