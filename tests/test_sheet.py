@@ -42,34 +42,6 @@ def detect_settings(tiny_weights) -> dict:
     return {"weights": str(path), "sha256": sha, "conf_thres": 1e-6, "max_det": 3, "imgsz": 320, "backend": "torch"}
 
 
-def stand_in_predictions(store) -> bool:
-    """TEST STAND-IN until the labels branch's detect writes `detect/predictions-*.jsonl` (README: the predictions
-    file): when detect did not write one, write it from detect's label files with deterministic made-up
-    confidences, in the contract's format. Returns whether it wrote one (False = detect's real file is used)."""
-    from PIL import Image
-
-    key = LAYOUT.detect_predictions(0, 1)
-    if any(o.key == key for o in store.list(LAYOUT.work_prefix + "detect/")):
-        return False
-    ingest = store.get_json(LAYOUT.ingest_manifest)
-    det = store.get_json(LAYOUT.detect_manifest(0, 1))
-    classes = yaml.safe_load((REPO / "dags" / "roads.yaml").read_text())["defaults"]["classes"]
-    lines = []
-    for img in sorted((i for i in ingest["images"] if i["selected"]), key=lambda i: i["name"]):
-        with Image.open(io.BytesIO(store.get(img["key"]))) as im:
-            w, h = im.size
-        label = det["images"][img["name"]]["label"]
-        boxes = []
-        for i, line in enumerate((store.get(label).decode() if label else "").splitlines()):
-            c, *xywh = line.split()
-            conf = 0.25 + 0.75 * int(hashlib.sha256(f"{img['name']}{i}".encode()).hexdigest()[:4], 16) / 0xFFFF
-            boxes.append({"class_id": int(c), "class": classes[int(c)], "confidence": round(conf, 5),
-                          "box": [float(v) for v in xywh], "source": "full"})
-        lines.append(json.dumps({"image": img["name"], "width": w, "height": h, "boxes": boxes}))
-    store.put(key, ("\n".join(lines) + "\n").encode())
-    return True
-
-
 def run(roads: Path, *stages: str, extra=()) -> list[int]:
     return [main([s, "--road", ROAD, "--date", DAY.isoformat(), "--config", str(roads), *extra]) for s in stages]
 
@@ -88,13 +60,11 @@ def sheet(s3_endpoint, tmp_path_factory, photos, tiny_weights):
     store.client.create_bucket(Bucket=store.bucket)
     roads = write_roads_file(tmp / "roads.yaml", store.bucket, detect=detect_settings(tiny_weights))
     upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, N_SETS, photos, short_sets=SHORT))
-    assert run(roads, "ingest", "detect") == [0, 0]
-    stand_in = stand_in_predictions(store)
-    assert run(roads, "preprocess", "datasheet") == [0, 0]
+    assert run(roads, "ingest", "detect", "preprocess", "datasheet") == [0, 0, 0, 0]
     out = tmp / "pulled"
     assert main(["pull", "--road", ROAD, "--date", DAY.isoformat(), "--config", str(roads), "--out", str(out)]) == 0
     rows = read_csv(out / "datasheet.csv")
-    return SimpleNamespace(store=store, roads=roads, dir=out, rows=rows, tmp=tmp, stand_in=stand_in,
+    return SimpleNamespace(store=store, roads=roads, dir=out, rows=rows, tmp=tmp,
                            manifest=json.loads((out / "manifest.json").read_text()))
 
 
@@ -385,6 +355,18 @@ def test_presigned_image_urls_open_with_an_expiry(sheet, tmp_path):
         body = resp.read()
     assert hashlib.sha256(body).hexdigest() == sheet.store.get_json(LAYOUT.out_manifest)["outputs"][
         LAYOUT.out(f"images/{tasks[0]['data']['name']}")]
+
+
+def test_a_day_without_predictions_files_is_one_line_naming_the_file(sheet, capsys):
+    key = LAYOUT.detect_predictions(0, 1)
+    body = sheet.store.get(key)
+    sheet.store.delete([key])
+    try:
+        assert run(sheet.roads, "datasheet", extra=["--force"]) == [1]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("answersheet: error: ") and key in err[-1] and "re-run detect" in err[-1]
+    finally:
+        sheet.store.put(key, body)
 
 
 def test_review_priority_ranks_near_threshold_low_confidence_tiny_boxes_first():

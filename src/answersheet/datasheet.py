@@ -19,8 +19,6 @@ from collections import Counter
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from PIL import Image
-
 from answersheet import __version__, exports, manifest
 from answersheet.day import RoadDay
 from answersheet.drift import camera_stats, drift
@@ -36,7 +34,6 @@ from answersheet.report import (
 )
 from answersheet.review import (
     confidence_stats,
-    from_label,
     load_predictions,
     merged_predictions_jsonl,
     review_priority,
@@ -122,17 +119,6 @@ def datasheet_csv(rd: RoadDay, rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode("utf-8-sig")
 
 
-def _fill_predictions(rd: RoadDay, rows: list[dict[str, Any]], preds: dict[str, dict[str, Any]]) -> None:
-    """Labels-only fallback (a day detected before predictions files existed): boxes from the label files,
-    sizes from the JPEG headers, no confidences."""
-    for r in rows:
-        if status_of(r) in exports.LABELLED and r["name"] not in preds:
-            with Image.open(io.BytesIO(rd.store.get(r["image_key"]))) as im:
-                size = im.size
-            text = rd.store.get(r["label_key"]).decode() if r.get("label_key") else ""
-            preds[r["name"]] = from_label(r["name"], text, rd.road.classes, size)
-
-
 def _pick(rows: list[dict[str, Any]], key, n: int, cond) -> list[dict[str, Any]]:
     return sorted((r for r in rows if cond(r)), key=key)[:n]
 
@@ -170,11 +156,7 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
         return {"manifest": store.uri(lay.out_manifest), "counts": done["counts"], "skipped": True}
     started = manifest.begin(store, lay.out_manifest)
 
-    preds, pred_source = load_predictions(rd)
-    if pred_source != "predictions":
-        log.warning("datasheet: no predictions files under %s: boxes from the label files, without confidences",
-                    store.uri(lay.work_prefix + "detect/"))
-        _fill_predictions(rd, pre["rows"], preds)
+    preds = load_predictions(rd)
     rows = sheet_rows(rd, pre["rows"], preds)
     looked = {r["name"] for r in rows if r["status"] in exports.LABELLED}
     preds = {k: v for k, v in preds.items() if k in looked}
@@ -229,7 +211,7 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
         unusable_sets=pre.get("unusable_sets", []), rejections=rejections,
         road={"id": road.id, "name": road.name, "timezone": road.timezone}, date=rd.day.isoformat(),
         package_version=__version__, config_digest=road.digest(), model=pre.get("model", {}),
-        predictions=pred_source, short_sets=pre.get("short_sets", {}), short_set_policy=pre.get("policy"),
+        short_sets=pre.get("short_sets", {}), short_set_policy=pre.get("policy"),
         unlabelled_labels=road.unlabelled_labels, timings=timings, camera_stats=stats, drift=drift_block,
         classes_sha256=sha256_bytes(classes_txt),
     )

@@ -176,7 +176,7 @@ that disagree (datasheet column <code>review_priority</code>; Label Studio tasks
 <h2>Boxes per class</h2>
 {{ class_svg|safe if class_svg else "<p class='muted'>No boxes.</p>"|safe }}
 <h2>Confidence</h2>
-{{ conf_svg|safe if conf_svg else "<p class='muted'>No scores (labels-only day).</p>"|safe }}
+{{ conf_svg|safe if conf_svg else "<p class='muted'>No boxes, so no confidences.</p>"|safe }}
 
 <h2>Samples</h2>
 {% for section in samples %}<h3>{{ section.title }} ({{ section.rows|length }})</h3>

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from answersheet.day import RoadDay
@@ -26,21 +26,20 @@ TINY_PX = 16 * 16  # boxes under 16x16 px of the original image are "tiny"
 EMPTY_PRIORITY = 0.25  # "looked and found nothing" is worth a glance: a missed car is a false negative
 
 
-def load_predictions(rd: RoadDay) -> tuple[dict[str, dict[str, Any]], str]:
-    """Every detect shard's predictions file merged by image name, and where they came from.
-
-    Returns ({image name: record}, source). `source` is "predictions" when every shard wrote its file; a day
-    detected by a version without predictions files falls back to "labels-only": boxes from the label files
-    with `confidence: null` (scores, the COCO results file and review priorities are then empty).
-    """
+def load_predictions(rd: RoadDay) -> dict[str, dict[str, Any]]:
+    """Every detect shard's predictions file merged by image name. A shard without one (detected by a version
+    before predictions files) is one error line: re-run detect for the day."""
     n = rd.road.detect.shards
-    keys = [rd.layout.detect_predictions(i, n) for i in range(n)]
-    listed = {o.key for o in rd.store.list(rd.layout.work_prefix + "detect/")}
-    if not all(k in listed for k in keys):
-        return {}, "labels-only"
     out: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        for lineno, line in enumerate(rd.store.get(key).decode("utf-8").splitlines(), 1):
+    for key in (rd.layout.detect_predictions(i, n) for i in range(n)):
+        try:
+            text = rd.store.get(key).decode("utf-8")
+        except AnswersheetError as exc:
+            if "NoSuchKey" not in str(exc):
+                raise
+            raise AnswersheetError(f"{rd.store.uri(key)}: missing — this day was detected without predictions "
+                                   "files; re-run detect (--force) for this day") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -48,19 +47,7 @@ def load_predictions(rd: RoadDay) -> tuple[dict[str, dict[str, Any]], str]:
                 out[rec["image"]] = rec
             except (ValueError, KeyError, TypeError):
                 raise AnswersheetError(f"{rd.store.uri(key)}: line {lineno}: not a predictions record") from None
-    return out, "predictions"
-
-
-def from_label(name: str, label_text: str, classes: Sequence[str], size: tuple[int, int]) -> dict[str, Any]:
-    """A predictions record rebuilt from a YOLO label file (no confidences): the labels-only fallback."""
-    boxes = []
-    for line in label_text.splitlines():
-        parts = line.split()
-        if len(parts) >= 5:
-            cls = int(float(parts[0]))
-            boxes.append({"class_id": cls, "class": classes[cls] if 0 <= cls < len(classes) else str(cls),
-                          "confidence": None, "box": [float(p) for p in parts[1:5]], "source": "full"})
-    return {"image": name, "width": size[0], "height": size[1], "boxes": boxes}
+    return out
 
 
 def merged_predictions_jsonl(records: Iterable[dict[str, Any]]) -> bytes:
