@@ -401,3 +401,22 @@ def test_zip_is_byte_stable():
     a, b = cvat_coco_zip({"images": []}), cvat_coco_zip({"images": []})
     assert a == b
     assert zipfile.ZipFile(io.BytesIO(a)).namelist() == ["images/default/", "annotations/instances_default.json"]
+
+
+def test_report_samples_cover_every_camera_and_skip_repeated_frames():
+    from answersheet.datasheet import sample_sections
+
+    def row(name, cam, sha, status="detected", prio=0.5, conf=0.5, boxes=3, set_id="s1"):
+        return {"name": name, "camera": cam, "image": f"images/{name}", "image_sha256": sha, "status": status,
+                "review_priority": prio, "mean_conf": conf, "boxes": boxes, "set_id": set_id}
+
+    rows = [row("a_side1.jpg", "side1", "x", prio=0.9, conf=0.3), row("b_side2.jpg", "side2", "x", prio=0.8, conf=0.3),
+            row("c_side1.jpg", "side1", "y", prio=0.1, conf=0.9),
+            row("d_front.jpg", "front", "z", status="not_detected", prio=None, conf=None, boxes=0),
+            row("e_side2.jpg", "side2", "w", status="empty", prio=0.25, conf=None, boxes=0)]
+    review, sections = sample_sections(rows, 6, ("front", "side1", "side2"))
+    assert [r["name"] for r in review] == ["a_side1.jpg", "c_side1.jpg"]  # b is the same frame as a
+    titles = dict(sections)
+    assert [r["camera"] for r in titles["Every camera"]] == ["front", "side1", "side2"]
+    assert [r["name"] for r in titles["Lowest confidence"]] == ["a_side1.jpg", "c_side1.jpg"]
+    assert [r["name"] for r in titles["Empty (the detector looked and found nothing)"]] == ["e_side2.jpg"]

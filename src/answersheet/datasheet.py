@@ -119,22 +119,33 @@ def datasheet_csv(rd: RoadDay, rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode("utf-8-sig")
 
 
-def _pick(rows: list[dict[str, Any]], key, n: int, cond) -> list[dict[str, Any]]:
-    return sorted((r for r in rows if cond(r)), key=key)[:n]
+def _pick(rows: list[dict[str, Any]], key, n: int, cond, seen: set[str] | None = None) -> list[dict[str, Any]]:
+    """The first n rows by key that meet cond, skipping images whose bytes were already picked (the same
+    frame under two names would show twice)."""
+    out: list[dict[str, Any]] = []
+    seen = set() if seen is None else seen
+    for r in sorted((r for r in rows if cond(r)), key=key):
+        if r.get("image_sha256") in seen:
+            continue
+        seen.add(r.get("image_sha256"))
+        out.append(r)
+        if len(out) == n:
+            break
+    return out
 
 
 def sample_sections(rows: list[dict[str, Any]], n: int, cameras: tuple[str, ...]) -> tuple[list, list]:
     """(review-first rows, [(title, rows)]): the stratified samples of the report."""
     looked = [r for r in rows if r["image"]]
     review = _pick(looked, lambda r: (-r["review_priority"], r["name"]), n,
-                   lambda r: r["review_priority"] is not None and r["status"] == "detected")
+                   lambda r: r["review_priority"] is not None and r["status"] == "detected", set())
     per_camera = []
     for cam in cameras:  # the busiest image of every camera (an unlooked camera: its first image)
         mine = [r for r in looked if r["camera"] == cam]
         if mine:
             per_camera.append(sorted(mine, key=lambda r: (-r["boxes"], r["name"]))[0])
-    lowest = _pick(looked, lambda r: (r["mean_conf"], r["name"]), n, lambda r: r["mean_conf"] is not None)
-    empty = _pick(looked, lambda r: r["name"], n, lambda r: r["status"] == "empty")
+    lowest = _pick(looked, lambda r: (r["mean_conf"], r["name"]), n, lambda r: r["mean_conf"] is not None, set())
+    empty = _pick(looked, lambda r: r["name"], n, lambda r: r["status"] == "empty", set())
     short_ids = sorted({r["set_id"] for r in rows if r["status"] == "missing"})[:2]
     short = [r for r in looked if r["set_id"] in short_ids]
     return review, [("Every camera", per_camera), ("Lowest confidence", lowest),
