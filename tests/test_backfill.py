@@ -21,7 +21,7 @@ from test_dags import write_roads  # first: points Airflow at a private AIRFLOW_
 from test_makefile import make
 
 from answersheet.errors import AnswersheetError
-from answersheet.local_airflow import backfill_bounds, run_airflow, run_backfill
+from answersheet.local_airflow import backfill_args, backfill_bounds, prepare_airflow_home, run_airflow
 
 # A past week (the backfill refuses future days, and a previous_run day runs only once the next weekday's
 # 09:00 has passed): Monday three weeks before today.
@@ -45,8 +45,16 @@ def roads(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("airflow-home")
+def home(tmp_path_factory, roads):
+    """A migrated local Airflow home with the roads' DAGs serialized into its database (once)."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    code, tail = run_airflow(["dags", "reserialize"], prepare(home, roads), home / "reserialize.log")
+    assert code == 0, "\n".join(tail)
+    return home
+
+
+def prepare(home: Path, roads: Path) -> dict[str, str]:
+    return prepare_airflow_home(home, roads, dict(os.environ))
 
 
 def processed_days(output: str, zone: str) -> list[str]:
@@ -56,8 +64,10 @@ def processed_days(output: str, zone: str) -> list[str]:
 
 
 def dry_run(home: Path, roads: Path, road: str, first: str, last: str) -> str:
+    """`airflow backfill create --dry-run` with the bounds `make backfill` passes; its output."""
     log = home / "backfill.log"
-    code, tail = run_backfill(home, roads, road, first, last, dict(os.environ), dry_run=True, echo=False)
+    args = backfill_args(roads, road, first, last, dry_run=True)
+    code, tail = run_airflow(args, prepare(home, roads), log)
     assert code == 0, "\n".join(tail)
     return log.read_text(encoding="utf-8")
 
@@ -93,18 +103,11 @@ def test_bare_dates_are_utc_midnight_and_miss_a_day_in_los_angeles(home, roads):
     """Why the bounds: plain `--from-date Mon --to-date Fri` is [Mon 00:00 UTC, Fri 00:00 UTC]. In Seoul the
     09:00 runs fall on 00:00 UTC, so the five days are selected; Los Angeles' 09:00 is 16:00/17:00 UTC, so
     Friday is left out."""
-    run_airflow(["dags", "reserialize"], prepare(home, roads), home / "bare.log")
     for road, zone, expected in (("seoul", "Asia/Seoul", WEEKDAYS), ("la", "America/Los_Angeles", WEEKDAYS[:4])):
         code, tail = run_airflow(["backfill", "create", "--dag-id", f"answersheet_{road}", "--from-date", WEEKDAYS[0],
                                   "--to-date", WEEKDAYS[4], "--dry-run"], prepare(home, roads), home / "bare.log")
         assert code == 0, "\n".join(tail)
         assert processed_days((home / "bare.log").read_text(encoding="utf-8"), zone) == expected
-
-
-def prepare(home: Path, roads: Path) -> dict[str, str]:
-    from answersheet.local_airflow import prepare_airflow_home
-
-    return prepare_airflow_home(home, roads, dict(os.environ))
 
 
 def test_make_backfill_local_previews_against_a_local_airflow_without_a_cluster(tmp_path, roads):

@@ -23,7 +23,8 @@ KUBECTL_BACKFILL = ("kubectl --namespace airflow exec deploy/airflow-scheduler -
 def make(*args: str) -> subprocess.CompletedProcess:
     """`make <args>` in the repository root; make variables that may be set in the caller's env are dropped."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ROAD", "FROM", "TO", "DRY_RUN", "PREVIEW", "REPROCESS", "LOCAL", "NAMESPACE", "KUBECTL", "HELM")}
+           if k not in ("ROAD", "FROM", "TO", "DRY_RUN", "PREVIEW", "REPROCESS", "LOCAL", "NAMESPACE", "KUBECTL",
+                        "HELM")}
     return subprocess.run([*MAKE, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
