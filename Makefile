@@ -210,6 +210,19 @@ backfill: ## ROAD=… FROM=YYYY-MM-DD TO=YYYY-MM-DD [DRY_RUN=1] [PREVIEW=1] [REP
 	$(if $(filter 1,$(LOCAL)),,$(eval BACKFILL_ARGS := $(shell $(LOCAL_AIRFLOW) backfill-args $(BACKFILL_OPTS)$(if $(filter 1,$(PREVIEW)), --dry-run) 2>&1))$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(BACKFILL_ARGS))))
 	$(if $(filter 1,$(LOCAL)),$(LOCAL_AIRFLOW) backfill --home '$(AIRFLOW_LOCAL_HOME)' $(BACKFILL_OPTS)$(if $(filter 0,$(PREVIEW)),, --dry-run),$(if $(filter 1,$(DRY_RUN)),@echo '$(strip $(BACKFILL_CMD))',$(strip $(BACKFILL_CMD))))
 
+# `make up`: Airflow on this machine, no cluster: api-server (UI) on 127.0.0.1:AIRFLOW_PORT, scheduler,
+# dag-processor and triggerer, DAGs in local mode, a local S3 server (SeaweedFS) and the last five
+# processable days of sample archives, backfilled (answersheet.local_airflow.up). Everything lives in
+# AIRFLOW_LOCAL_HOME; `make down` stops exactly the processes `make up` started (their PIDs are in
+# AIRFLOW_LOCAL_HOME/up.json), keeping the data; `rm -rf .airflow` after it for a fresh start.
+AIRFLOW_PORT ?= 8080
+.PHONY: up down
+up: install ## local Airflow UI (127.0.0.1:AIRFLOW_PORT) + local S3 + a backfilled week of sample days
+	$(LOCAL_AIRFLOW) up --home '$(AIRFLOW_LOCAL_HOME)' --port $(AIRFLOW_PORT) --roads-file '$(ROADS_FILE)'
+
+down: ## stop what `make up` started (by PID); the data stays in AIRFLOW_LOCAL_HOME
+	$(LOCAL_AIRFLOW) down --home '$(AIRFLOW_LOCAL_HOME)'
+
 status: $(HELM_DEP) ## releases, Airflow pods, stage pods (by road/stage/date) and, with ROAD=…, the road's recent runs
 	$(HELM) list --namespace $(NAMESPACE)
 	$(KUBECTL_NS) get pods -l release=$(AIRFLOW_RELEASE) -o wide

@@ -40,7 +40,7 @@ def roads(tmp_path_factory) -> Path:
         {"id": "seoul_run_day", "schedule": {"start_date": start, "process_date": "run_day"}},
         {"id": "la", "schedule": {"timezone": "America/Los_Angeles", "start_date": start}},
         {"id": "la_run_day", "schedule": {"timezone": "America/Los_Angeles", "start_date": start,
-                                          "process_date": "run_day"}},
+                                          "process_date": "run_day", "max_active_runs": 3}},
     ])
 
 
@@ -77,6 +77,13 @@ def test_bounds_are_the_days_in_the_road_zone(roads):
         "2026-11-02T00:00:00+09:00", "2026-11-06T23:59:59+09:00")
     assert backfill_bounds(roads, "la", "2026-10-26", "2026-11-06") == (  # DST ends on 2026-11-01
         "2026-10-26T00:00:00-07:00", "2026-11-06T23:59:59-08:00")
+
+
+def test_a_backfill_runs_as_many_days_at_once_as_the_road_allows(roads):
+    """Airflow's backfills default to 10 concurrent runs whatever the DAG's max_active_runs."""
+    for road, runs in (("seoul", "1"), ("la_run_day", "3")):
+        args = backfill_args(roads, road, "2026-11-02", "2026-11-06")
+        assert args[args.index("--max-active-runs") + 1] == runs
 
 
 @pytest.mark.parametrize(("road", "first", "last", "problem"), [
@@ -118,5 +125,6 @@ def test_make_backfill_local_previews_against_a_local_airflow_without_a_cluster(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kubectl" not in proc.stdout + proc.stderr
     assert processed_days(proc.stderr, "Asia/Seoul") == WEEKDAYS
+    assert "max_active_runs = 1" in proc.stderr
     assert (local_home / "airflow.db").is_file()
     assert "No runs to create" not in proc.stderr

@@ -66,6 +66,7 @@ def test_local_mode_dag_produces_the_answer_sheet_and_a_rerun_changes_nothing(st
     assert not re.search(r"^\S+Z \[\w+\s*\] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", log, re.M)  # no second timestamp
     assert re.search(r"\] detect shard .*: done \d+ img in .* \[answersheet\.progress\]", log)
     assert re.search(r"\] ingest: road=daewang_pangyo date=2026-11-02 bucket=\S+ \[answersheet\]", log)
+    assert "Found credentials" not in log  # botocore's per-client INFO lines stay out of the task log
 
     before = bucket_state(store)
     run_dag_test(ROAD, DAY.isoformat(), roads, airflow_home, dict(os.environ), echo=False)

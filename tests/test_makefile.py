@@ -17,7 +17,7 @@ MAKE = ["make", "--no-print-directory", "-o", "install", f"VENV={sys.prefix}"]
 BACKFILL = ["ROAD=daewang_pangyo", "FROM=2026-11-02", "TO=2026-11-06"]
 KUBECTL_BACKFILL = ("kubectl --namespace airflow exec deploy/airflow-scheduler --container scheduler -- "
                     "airflow backfill create --dag-id answersheet_daewang_pangyo "
-                    "--from-date 2026-11-02T00:00:00+09:00 --to-date 2026-11-06T23:59:59+09:00")
+                    "--from-date 2026-11-02T00:00:00+09:00 --to-date 2026-11-06T23:59:59+09:00 --max-active-runs 1")
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -61,7 +61,7 @@ def test_backfill_options_and_names():
     assert proc.stdout.strip() == (
         "kubectl --namespace pipelines exec deploy/af-scheduler --container scheduler -- airflow backfill create "
         "--dag-id answersheet_daewang_pangyo --from-date 2026-11-02T00:00:00+09:00 --to-date 2026-11-06T23:59:59+09:00 "
-        "--reprocess-behavior failed --dry-run")
+        "--max-active-runs 1 --reprocess-behavior failed --dry-run")
 
 
 @pytest.mark.parametrize(("args", "message"), [
