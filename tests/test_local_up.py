@@ -136,3 +136,15 @@ def test_make_up_backfills_a_green_week_seen_through_the_rest_api_and_make_down_
     assert not listening_addresses(port)
     again = make("down", f"AIRFLOW_LOCAL_HOME={home}", env=user_env, timeout=120)
     assert "nothing was running" in again.stdout
+
+
+def test_make_up_on_a_busy_port_says_so_in_one_line_and_starts_nothing(tmp_path, user_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = make("up", f"AIRFLOW_LOCAL_HOME={tmp_path / 'airflow'}", f"AIRFLOW_PORT={port}", env=user_env)
+    assert proc.returncode != 0
+    assert f"answersheet: error: 127.0.0.1:{port} is in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "airflow" / "up.json").exists()

@@ -251,6 +251,17 @@ def _wait(what: str, ready, timeout: float, pid: int | None = None, log: Path | 
     raise AnswersheetError(f"{what}: not ready after {timeout:.0f}s (log {log})")
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _http_ok(url: str) -> bool:
     import urllib.request
 
@@ -294,6 +305,9 @@ def up(home: Path, *, port: int = DEFAULT_PORT, roads_src: Path = ROADS_FILE, ro
         return state
     if state:
         down(home, say=lambda *_: None)  # leftovers of a crashed `up`
+    if not _port_free(port):
+        raise AnswersheetError(f"127.0.0.1:{port} is in use: stop what listens there or pick another port "
+                               "(make up AIRFLOW_PORT=8081)")
     logs = home / "logs"
     state = {"home": str(home), "pids": {}, "url": f"http://127.0.0.1:{port}"}
     try:
