@@ -108,6 +108,7 @@ def test_make_up_backfills_a_green_week_seen_through_the_rest_api_and_make_down_
         processed = [dt.datetime.fromisoformat(r["logical_date"]).astimezone(kst).date().isoformat() for r in runs]
         assert processed == days and {r["run_type"] for r in runs} == {"backfill"}
         assert states == ["success"] * 5, json.dumps(runs, indent=1)[-3000:]
+        first_runs = runs
         for run in runs:  # every stage of every day green
             tis = rest.get(f"/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}/taskInstances")["task_instances"]
             assert {t["task_id"]: t["state"] for t in tis} == dict.fromkeys(
@@ -136,6 +137,18 @@ def test_make_up_backfills_a_green_week_seen_through_the_rest_api_and_make_down_
     assert not listening_addresses(port)
     again = make("down", f"AIRFLOW_LOCAL_HOME={home}", env=user_env, timeout=120)
     assert "nothing was running" in again.stdout
+
+    # The next day: `make up` on the same home brings the green week back and re-runs nothing.
+    up = make("up", f"AIRFLOW_LOCAL_HOME={home}", f"AIRFLOW_PORT={port}", env=user_env)
+    try:
+        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        restarted = json.loads((home / "up.json").read_text())
+        assert restarted["days"] == days
+        runs = Rest(restarted["url"], home).get(f"/api/v2/dags/{dag_id}/dagRuns?limit=50")["dag_runs"]
+        assert sorted((r["logical_date"], r["state"]) for r in runs) == sorted(
+            (r["logical_date"], "success") for r in first_runs)
+    finally:
+        make("down", f"AIRFLOW_LOCAL_HOME={home}", env=user_env, timeout=120)
 
 
 def test_make_up_on_a_busy_port_says_so_in_one_line_and_starts_nothing(tmp_path, user_env):
