@@ -46,10 +46,11 @@ def timetable_for(road: str, s: Schedule) -> CronDataIntervalTimetable | CronTri
     and logical date Mon 09:00, so it processes Monday; Monday's run gets [Fri 09:00, Mon 09:00) and
     processes Friday. Chosen over CronTriggerTimetable plus "previous cron fire time" computed in the
     DAG because: Airflow's own timetable computes the previous fire (weekday gaps, DST) with no second
-    cron implementation in the DAG folder; the Grid, the run ids and the pod labels then all show the
-    processed day; `airflow backfill create --from-date/--to-date` select runs by logical date, so FROM
-    and TO are the first and last processed day; and `airflow dags test <day>` processes <day> (the
-    Airflow docs: for manual runs use the logical date, the data interval is the timetable's guess).
+    cron implementation in the DAG folder; the Grid (logical date) and the pod labels then show the
+    processed day (run ids do not: Airflow 3 names a run after its run time, `backfill__<Tue>` for
+    Monday); `airflow backfill create --from-date/--to-date` select runs by logical date, so FROM and TO
+    are the first and last processed day; and `airflow dags test <day>` processes <day> (the Airflow
+    docs: for manual runs use the logical date, the data interval is the timetable's guess).
     Its cost: a day's run (and its backfill) exists only once the interval has ended, Friday's at the
     next Monday 09:00 — which is when the seed's run for it happened too.
 
