@@ -208,20 +208,41 @@ deploy: $(HELM_DEP) ## helm upgrade --install helm/answersheet (roads file from 
 	  --namespace $(NAMESPACE) -f helm/values-airflow.yaml $(addprefix -f ,$(AIRFLOW_VALUES)) --timeout 15m
 
 # `make backfill ROAD=<road id> FROM=YYYY-MM-DD TO=YYYY-MM-DD` runs `airflow backfill create` in the
-# scheduler pod (the scheduler then runs the days, max_active_runs at a time). DRY_RUN=1 only prints
-# the kubectl command. PREVIEW=1 runs it with airflow's --dry-run (lists the runs, creates nothing).
+# scheduler pod for the days FROM..TO (inclusive) that the road's schedule processes; the scheduler then
+# runs them, max_active_runs at a time. ROAD must be a road of ROADS_FILE; FROM/TO become 00:00:00 and
+# 23:59:59 in the road's time zone (answersheet.local_airflow.backfill_bounds). DRY_RUN=1 only prints the
+# kubectl command; PREVIEW=1 adds airflow's --dry-run (lists the runs, creates nothing).
 # REPROCESS=failed|completed re-runs days that already have a run (airflow's default: none).
+# LOCAL=1: no cluster; the same backfill against the local Airflow home AIRFLOW_LOCAL_HOME (`make up`'s),
+# as a preview (--dry-run) unless PREVIEW=0, which creates the runs for `make up`'s scheduler.
+AIRFLOW_LOCAL_HOME ?= .airflow
+HELPER_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+LOCAL_AIRFLOW = PYTHONPATH=$(CURDIR)/src $(HELPER_PY) -m answersheet.local_airflow
 DATE_RE := ^[0-9]{4}-[0-9]{2}-[0-9]{2}$$
 check_date = $(if $(shell printf '%s' '$(2)' | grep -E '$(DATE_RE)'),,$(error $(1)=$(2): expected a date YYYY-MM-DD))
-BACKFILL_CMD = $(KUBECTL_NS) exec $(SCHEDULER) --container scheduler -- airflow backfill create \
-  --dag-id answersheet_$(ROAD) --from-date $(FROM) --to-date $(TO)$(if $(REPROCESS), --reprocess-behavior $(REPROCESS))$(if $(filter 1,$(PREVIEW)), --dry-run)
+BACKFILL_OPTS = --roads-file '$(ROADS_FILE)' --road '$(ROAD)' --from '$(FROM)' --to '$(TO)'$(if $(REPROCESS), --reprocess '$(REPROCESS)')
+BACKFILL_CMD = $(KUBECTL_NS) exec $(SCHEDULER) --container scheduler -- airflow $(BACKFILL_ARGS)
 
-backfill: ## ROAD=… FROM=YYYY-MM-DD TO=YYYY-MM-DD [DRY_RUN=1] [PREVIEW=1] [REPROCESS=failed]: backfill a road's days
+backfill: ## ROAD=… FROM=YYYY-MM-DD TO=YYYY-MM-DD [DRY_RUN=1] [PREVIEW=1] [REPROCESS=failed] [LOCAL=1]: backfill a road's days
 	$(if $(ROAD),,$(error ROAD=<road id> is required, e.g. make backfill ROAD=daewang_pangyo FROM=2026-11-02 TO=2026-11-06))
 	$(if $(shell printf '%s' '$(ROAD)' | grep -E '^[a-z0-9_]+$$'),,$(error ROAD=$(ROAD): a road id is [a-z0-9_]))
 	$(call check_date,FROM,$(FROM))
 	$(call check_date,TO,$(TO))
-	$(if $(filter 1,$(DRY_RUN)),@echo '$(strip $(BACKFILL_CMD))',$(strip $(BACKFILL_CMD)))
+	$(if $(filter 1,$(LOCAL)),,$(eval BACKFILL_ARGS := $(shell $(LOCAL_AIRFLOW) backfill-args $(BACKFILL_OPTS)$(if $(filter 1,$(PREVIEW)), --dry-run) 2>&1))$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(BACKFILL_ARGS))))
+	$(if $(filter 1,$(LOCAL)),$(LOCAL_AIRFLOW) backfill --home '$(AIRFLOW_LOCAL_HOME)' $(BACKFILL_OPTS)$(if $(filter 0,$(PREVIEW)),, --dry-run),$(if $(filter 1,$(DRY_RUN)),@echo '$(strip $(BACKFILL_CMD))',$(strip $(BACKFILL_CMD))))
+
+# `make up`: Airflow on this machine, no cluster: api-server (UI) on 127.0.0.1:AIRFLOW_PORT, scheduler,
+# dag-processor and triggerer, DAGs in local mode, a local S3 server (SeaweedFS) and the last five
+# processable days of sample archives, backfilled (answersheet.local_airflow.up). Everything lives in
+# AIRFLOW_LOCAL_HOME; `make down` stops exactly the processes `make up` started (their PIDs are in
+# AIRFLOW_LOCAL_HOME/up.json), keeping the data; `rm -rf .airflow` after it for a fresh start.
+AIRFLOW_PORT ?= 8080
+.PHONY: up down
+up: install ## local Airflow UI (127.0.0.1:AIRFLOW_PORT) + local S3 + a backfilled week of sample days
+	$(LOCAL_AIRFLOW) up --home '$(AIRFLOW_LOCAL_HOME)' --port $(AIRFLOW_PORT) --roads-file '$(ROADS_FILE)'
+
+down: ## stop what `make up` started (by PID); the data stays in AIRFLOW_LOCAL_HOME
+	$(LOCAL_AIRFLOW) down --home '$(AIRFLOW_LOCAL_HOME)'
 
 status: $(HELM_DEP) ## releases, Airflow pods, stage pods (by road/stage/date) and, with ROAD=…, the road's recent runs
 	$(HELM) list --namespace $(NAMESPACE)

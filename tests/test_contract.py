@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_dags import ROADS_FILE, MappedOperator, commands, parse, settings, write_roads  # first: AIRFLOW_HOME
+from test_dags import (  # first: AIRFLOW_HOME
+    ROADS_FILE,
+    MappedOperator,
+    commands,
+    parse,
+    road_dags,
+    settings,
+    write_roads,
+)
 from test_pods import base, rendered_pods
 
 import answersheet
@@ -42,7 +50,7 @@ def test_every_pod_command_parses_with_the_cli(roads):
     parser = build_parser()
     bag = parse(roads)
     seen = set()
-    for dag_id, dag in bag.dags.items():
+    for dag_id, dag in road_dags(bag).items():
         road = load_road(roads, dag_id.removeprefix("answersheet_"))
         for task_id, map_index, pod in rendered_pods(dag):
             container = base(pod)
@@ -62,7 +70,7 @@ def test_every_pod_command_parses_with_the_cli(roads):
 def test_every_local_command_parses_with_the_cli(roads):
     parser = build_parser()
     bag = parse(roads, mode="local")
-    for dag in bag.dags.values():
+    for dag in road_dags(bag).values():
         for task in dag.tasks:
             if isinstance(task, MappedOperator):
                 lines = [kw["command"] for kw in task.expand_input.value]
@@ -73,3 +81,12 @@ def test_every_local_command_parses_with_the_cli(roads):
                 args = parser.parse_args(cmd[1:] + ["--summary-json", "/tmp/summary.json"])
                 assert args.command == task.task_id in commands.STAGES
                 assert args.config == str(roads)
+
+
+@pytest.mark.parametrize("process_date", ["previous_run", "run_day"])
+def test_both_sides_accept_schedule_process_date(tmp_path, process_date):
+    """The stage CLI reads the same roads file as the DAGs: a road's schedule.process_date must load on both."""
+    roads = write_roads(tmp_path / "roads.yaml", [{"id": "r1", "schedule": {"process_date": process_date}}])
+    assert load_road(roads, "r1").schedule["process_date"] == process_date
+    specs, errors = settings.load_roads(roads)
+    assert errors == [] and specs[0].schedule.process_date == process_date

@@ -1,15 +1,22 @@
 """End to end: the real DAG in local mode (`airflow dags test`, as `make demo` runs it) turns a sample day on
-the local S3 server into the answer sheet; a second run of the same date changes nothing; backfills of
-the DAG can be created."""
+the local S3 server into the answer sheet; a second run of the same date changes nothing; the README's
+`airflow dags test` block works on a fresh AIRFLOW_HOME and the run records the answer sheet's asset event
+in Airflow's database; without a cluster, kubernetes mode fails at once with one line; backfills of the DAG
+can be created."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import DAY, ROAD, write_roads_file
+from conftest import DAY, REPO, ROAD, write_roads_file
 from test_dags import DAG_FILE  # noqa: F401  (first: points Airflow at a private AIRFLOW_HOME)
 
 from answersheet.errors import AnswersheetError
@@ -55,9 +62,90 @@ def test_local_mode_dag_produces_the_answer_sheet_and_a_rerun_changes_nothing(st
         assert has_label == image.endswith(("_side1.jpg", "_side2.jpg")), image
     assert store.list(LAYOUT.detect_manifest(0, 2)) and store.list(LAYOUT.detect_manifest(1, 2))
 
+    # The task log: stage lines timestamped once (by Airflow), under the stage's own logger and level.
+    log = (airflow_home / f"dags-test-{ROAD}-{DAY.isoformat()}.log").read_text(encoding="utf-8")
+    assert not re.search(r"^\S+Z \[\w+\s*\] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", log, re.M)  # no second timestamp
+    assert re.search(r"\] detect shard .*: done \d+ img in .* \[answersheet\.progress\]", log)
+    assert re.search(r"\] ingest: road=daewang_pangyo date=2026-11-02 bucket=\S+ \[answersheet\]", log)
+    assert "Found credentials" not in log  # botocore's per-client INFO lines stay out of the task log
+
     before = bucket_state(store)
     run_dag_test(ROAD, DAY.isoformat(), roads, airflow_home, dict(os.environ), echo=False)
     assert bucket_state(store) == before
+
+
+README_MARK = "<!-- tests/test_dag_e2e.py runs this block as written -->"
+
+
+def readme_block(mark: str = README_MARK) -> str:
+    """The first ```bash block after `mark` in the README."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return text[text.index(mark):].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def checkout_env(roads: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: no AIRFLOW_* from this test session, the venv's bin on PATH, the test's roads file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               ANSWERSHEET_ROADS_FILE=str(roads), **extra)
+    return env
+
+
+def test_readme_dags_test_block_works_on_a_fresh_home_and_records_the_asset_event(store, tmp_path, photos,
+                                                                                  tiny_weights):
+    weights, sha = tiny_weights
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket, detect={
+        "weights": str(weights), "sha256": sha, "backend": "torch", "conf_thres": 1e-6, "max_det": 3,
+        "imgsz": 320})
+    upload_day(store, ROAD, DAY, build_day_archives(ROAD, DAY, CAMERAS, 2, photos))
+    checkout = tmp_path / "checkout"  # the README runs in a checkout: $PWD/dags, $PWD/.airflow (fresh)
+    checkout.mkdir()
+    (checkout / "dags").symlink_to(REPO / "dags")
+
+    out = subprocess.run(["bash", "-ec", readme_block()], cwd=checkout, env=checkout_env(roads),
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    sheet = json.loads(store.get(LAYOUT.out_prefix + "manifest.json"))
+    assert sheet["date"] == DAY.isoformat()
+
+    with sqlite3.connect(checkout / ".airflow" / "airflow.db") as db:
+        events = db.execute(
+            "SELECT a.name, a.uri, e.extra, e.source_dag_id, e.source_task_id FROM asset_event e "
+            "JOIN asset a ON a.id = e.asset_id").fetchall()
+        paused = dict(db.execute("SELECT dag_id, is_paused FROM dag").fetchall())
+        queued = db.execute("SELECT count(*) FROM asset_dag_run_queue").fetchone()[0]
+    ((name, uri, extra, dag_id, task_id),) = events
+    assert (name, uri) == (f"answersheet_{ROAD}", f"s3://{store.bucket}/answersheet/{ROAD}")
+    assert (dag_id, task_id) == (f"answersheet_{ROAD}", "datasheet")
+    assert json.loads(extra) == {
+        "road": ROAD, "date": DAY.isoformat(), "unchanged": False,
+        "manifest": f"s3://{store.bucket}/{LAYOUT.out_manifest}",
+        "counts": {k: v for k, v in sheet["counts"].items()},
+    }
+    assert paused["answersheet_training_example"] == 1 and queued == 0  # disabled until someone unpauses it
+
+
+def test_kubernetes_mode_without_a_cluster_fails_at_once_with_one_line(store, tmp_path):
+    """No in-cluster config, no kubeconfig, no connection: the first task fails without retries (the plain
+    operator retried twice, 5 and 10 minutes apart, while `airflow dags test` printed "No tasks to run")."""
+    roads = write_roads_file(tmp_path / "roads.yaml", store.bucket)
+    airflow_home = tmp_path / "home"  # its own: the failed run must not hide a day from the backfill test
+    env = prepare_airflow_home(airflow_home, roads, {**os.environ, "KUBECONFIG": str(tmp_path / "no-kubeconfig")})
+    env["ANSWERSHEET_EXECUTION_MODE"] = "kubernetes"
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    t0 = time.monotonic()
+    code, tail = run_airflow(["dags", "test", f"answersheet_{ROAD}", "2026-11-03"], env, airflow_home / "k8s.log",
+                             timeout=300)
+    assert code == 1 and time.monotonic() - t0 < 300
+    assert tail[0] == ("answersheet: error: no Kubernetes cluster configured for the stage pods (Invalid kube-config "
+                       "file. No configuration found); to run the stages as local subprocesses instead, set "
+                       "ANSWERSHEET_EXECUTION_MODE=local")
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        tries = dict(db.execute("SELECT task_id, state || ' ' || try_number || '/' || (max_tries + 1) "
+                                "FROM task_instance WHERE dag_id = ? AND run_id IN (SELECT run_id FROM dag_run "
+                                "WHERE dag_id = ? AND logical_date LIKE '2026-11-03%')", (f"answersheet_{ROAD}",) * 2))
+    assert tries["ingest"] == "failed 1/3"  # one try of the three it would have had; no retry delay sat out
+    assert {tries[t] for t in ("detect", "preprocess", "datasheet")} == {"upstream_failed 0/3"}
 
 
 def test_backfill_can_be_created_for_weekdays(airflow_home, tmp_path):

@@ -27,7 +27,7 @@ import pendulum  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
-from airflow.sdk import CronTriggerTimetable  # noqa: E402
+from airflow.sdk import CronDataIntervalTimetable  # noqa: E402
 from airflow.sdk.definitions.mappedoperator import MappedOperator  # noqa: E402
 from conftest import REPO, ROADS_FILE  # noqa: E402
 
@@ -38,9 +38,22 @@ if str(DAGS_DIR) not in sys.path:
 
 from answersheet_dagkit import commands, settings  # noqa: E402, F401 (used by test_contract)
 from answersheet_dagkit.commands import STAGES  # noqa: E402
+from answersheet_dagkit.lineage import EXAMPLE_CONSUMER_DAG_ID  # noqa: E402
 from answersheet_dagkit.local import AnswersheetCliOperator  # noqa: E402
 
 ENV_KEYS = ("ANSWERSHEET_ROADS_FILE", "ANSWERSHEET_EXECUTION_MODE")
+
+
+def road_dags(bag: DagBag) -> dict:
+    """dag_id -> DAG of the roads (without the example asset consumer)."""
+    return {dag_id: dag for dag_id, dag in bag.dags.items() if dag_id != EXAMPLE_CONSUMER_DAG_ID}
+
+
+def dag_run(logical_date, run_id: str = "scheduled__test"):
+    """What a task's context holds as `dag_run`, as far as the DAGs' templates read it."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(logical_date=logical_date, run_id=run_id, conf={})
 
 
 def write_roads(path: Path, roads: list[dict], **defaults) -> Path:
@@ -93,13 +106,14 @@ def test_dag_folder_parses_one_dag_per_shipped_road_and_skips_the_dagkit():
     bag = parse(dag_folder=DAGS_DIR)
     roads = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))["roads"]
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == sorted(f"answersheet_{r['id']}" for r in roads)
+    assert sorted(road_dags(bag)) == sorted(f"answersheet_{r['id']}" for r in roads)
+    assert EXAMPLE_CONSUMER_DAG_ID in bag.dag_ids
     assert [Path(s.file).name for s in bag.dagbag_stats] == ["answersheet_dags.py"]  # .airflowignore
 
 
 def test_shipped_dag_schedule_defaults_and_tasks():
     dag = parse().dags["answersheet_daewang_pangyo"]
-    assert isinstance(dag.timetable, CronTriggerTimetable)
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)  # process_date: previous_run
     assert dag.timetable.expression == "0 9 * * 1-5"
     assert dag.timezone.name == "Asia/Seoul"
     assert dag.start_date == pendulum.datetime(2026, 11, 2, tz="Asia/Seoul")
@@ -120,7 +134,7 @@ def test_shipped_dag_schedule_defaults_and_tasks():
 def test_per_road_schedule_and_shards(three_roads):
     bag = parse(three_roads)
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == ["answersheet_daewang_pangyo", "answersheet_gyeongbu_3", "answersheet_la_101"]
+    assert sorted(road_dags(bag)) == ["answersheet_daewang_pangyo", "answersheet_gyeongbu_3", "answersheet_la_101"]
     la = bag.dags["answersheet_la_101"]
     assert la.timetable.expression == "30 7 * * *" and la.timezone.name == "America/Los_Angeles"
     assert la.start_date == pendulum.datetime(2026, 10, 1, tz="America/Los_Angeles")
@@ -134,15 +148,29 @@ def test_per_road_schedule_and_shards(three_roads):
     assert not isinstance(bag.dags["answersheet_daewang_pangyo"].get_task("detect"), MappedOperator)
 
 
-@pytest.mark.parametrize(("dag_id", "logical_date", "day"), [
-    ("answersheet_daewang_pangyo", pendulum.datetime(2026, 11, 2, 0, tz="UTC"), "2026-11-02"),  # 09:00 KST
-    ("answersheet_daewang_pangyo", pendulum.datetime(2026, 11, 1, 23, tz="UTC"), "2026-11-02"),  # 08:00 KST
-    ("answersheet_la_101", pendulum.datetime(2026, 11, 3, 5, tz="UTC"), "2026-11-02"),  # 21:00 PST the day before
-])
-def test_stage_date_is_the_logical_date_in_the_road_timezone(three_roads, dag_id, logical_date, day):
-    task = parse(three_roads).dags[dag_id].get_task("ingest")
-    task.render_template_fields({"logical_date": logical_date})
-    assert task.arguments[task.arguments.index("--date") + 1] == day
+def test_stage_date_is_the_logical_date_in_the_road_timezone(three_roads):
+    """The --date of every stage is the run's logical date in the road's zone (which instant that is per
+    process_date: tests/test_process_date.py)."""
+    bag = parse(three_roads)
+    for dag_id, logical_date, day in [
+        ("answersheet_daewang_pangyo", pendulum.datetime(2026, 11, 2, 0, tz="UTC"), "2026-11-02"),  # 09:00 KST
+        ("answersheet_daewang_pangyo", pendulum.datetime(2026, 11, 1, 23, tz="UTC"), "2026-11-02"),  # 08:00 KST
+        ("answersheet_la_101", pendulum.datetime(2026, 11, 3, 5, tz="UTC"), "2026-11-02"),  # 21:00 PST the day before
+    ]:
+        for task in bag.dags[dag_id].tasks:
+            if isinstance(task, MappedOperator):
+                continue
+            task.render_template_fields({"dag_run": dag_run(logical_date)})
+            assert task.arguments[task.arguments.index("--date") + 1] == day
+            assert task.labels["answersheet.io/date"] == day
+
+
+def test_a_run_without_logical_date_fails_at_once_naming_the_problem(three_roads):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    task = parse(three_roads).dags["answersheet_daewang_pangyo"].get_task("ingest")
+    with pytest.raises(AirflowFailException, match=r"^answersheet: error: run manual__x: no logical date"):
+        task.render_template_fields({"dag_run": dag_run(None, "manual__x")})
 
 
 @pytest.mark.parametrize("how", ["env", "config"])
@@ -155,7 +183,7 @@ def test_local_mode_has_the_same_shape(three_roads, tmp_path, how):
         bag = parse(roads)
     pods = parse(three_roads)
     assert bag.import_errors == {} and sorted(bag.dag_ids) == sorted(pods.dag_ids)
-    for dag_id, dag in bag.dags.items():
+    for dag_id, dag in road_dags(bag).items():
         pod_dag = pods.dags[dag_id]
         assert dag.timetable == pod_dag.timetable
         for task in dag.tasks:
@@ -197,7 +225,7 @@ BAD_ROADS = [
 def test_bad_road_is_an_import_error_naming_road_and_key_and_the_others_load(tmp_path, override, key, problem):
     roads = write_roads(tmp_path / "roads.yaml", [{"id": "good_a"}, {"id": "bad_road", **override}, {"id": "good_b"}])
     bag = parse(roads)
-    assert sorted(bag.dag_ids) == ["answersheet_good_a", "answersheet_good_b"]
+    assert sorted(road_dags(bag)) == ["answersheet_good_a", "answersheet_good_b"]
     error = only_error(bag)
     assert f"road 'bad_road': key '{key}'" in error and problem in error and str(roads) in error
     assert "good_a" not in error and "good_b" not in error
@@ -208,7 +236,7 @@ def test_every_bad_road_is_reported(tmp_path):
         {"id": "twice"}, {"id": "twice"}, {"id": "Bad-Id"}, {"id": "no_gpu", "kubernetes": {"gpu": {"count": 0}}},
         {"id": "fine"}])
     bag = parse(roads)
-    assert list(bag.dag_ids) == ["answersheet_fine"]
+    assert list(road_dags(bag)) == ["answersheet_fine"]
     error = only_error(bag)
     assert "3 road(s) not loaded" in error
     assert "road 'twice': key 'id': defined 2 times" in error
@@ -236,13 +264,18 @@ def test_unreadable_roads_file_is_an_import_error(tmp_path, content, problem):
     assert str(roads) in error and problem in error
 
 
-def test_dag_file_imports_neither_torch_nor_boto3_nor_answersheet():
+def test_dag_file_imports_neither_torch_nor_answersheet_and_boto3_only_through_the_amazon_provider():
+    """The DAG folder works in the official Airflow image: no torch, yolov5 or `answersheet`. boto3 is loaded
+    only by the amazon provider's s3:// asset URI handler, which the DAG file pre-imports itself."""
     code = (
         "import sys\n"
+        "import airflow.providers.amazon.aws.assets.s3\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
+        "before = set(sys.modules)\n"
         f"bag = DagBag(dag_folder={str(DAG_FILE)!r})\n"
         "assert not bag.import_errors and bag.dag_ids, bag.import_errors\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'boto3', 'botocore', 'answersheet')))\n"
+        "print(sorted(m for m in set(sys.modules) - before\n"
+        "             if m.split('.')[0] in ('torch', 'yolov5', 'boto3', 'botocore', 'answersheet')))\n"
     )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("ANSWERSHEET_ROADS_FILE", None)

@@ -17,13 +17,14 @@ MAKE = ["make", "--no-print-directory", "-o", "install", f"VENV={sys.prefix}"]
 BACKFILL = ["ROAD=daewang_pangyo", "FROM=2026-11-02", "TO=2026-11-06"]
 KUBECTL_BACKFILL = ("kubectl --namespace airflow exec deploy/airflow-scheduler --container scheduler -- "
                     "airflow backfill create --dag-id answersheet_daewang_pangyo "
-                    "--from-date 2026-11-02 --to-date 2026-11-06")
+                    "--from-date 2026-11-02T00:00:00+09:00 --to-date 2026-11-06T23:59:59+09:00 --max-active-runs 1")
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
     """`make <args>` in the repository root; make variables that may be set in the caller's env are dropped."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ROAD", "FROM", "TO", "DRY_RUN", "PREVIEW", "REPROCESS", "NAMESPACE", "KUBECTL", "HELM")}
+           if k not in ("ROAD", "FROM", "TO", "DRY_RUN", "PREVIEW", "REPROCESS", "LOCAL", "NAMESPACE", "KUBECTL",
+                        "HELM")}
     return subprocess.run([*MAKE, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -59,8 +60,8 @@ def test_backfill_options_and_names():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (
         "kubectl --namespace pipelines exec deploy/af-scheduler --container scheduler -- airflow backfill create "
-        "--dag-id answersheet_daewang_pangyo --from-date 2026-11-02 --to-date 2026-11-06 "
-        "--reprocess-behavior failed --dry-run")
+        "--dag-id answersheet_daewang_pangyo --from-date 2026-11-02T00:00:00+09:00 --to-date 2026-11-06T23:59:59+09:00 "
+        "--max-active-runs 1 --reprocess-behavior failed --dry-run")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -68,6 +69,10 @@ def test_backfill_options_and_names():
     (["ROAD=daewang_pangyo", "FROM=2026-11-2", "TO=2026-11-06"], "FROM=2026-11-2: expected a date YYYY-MM-DD"),
     (["ROAD=daewang_pangyo", "FROM=2026-11-02"], "TO=: expected a date YYYY-MM-DD"),
     (["ROAD=daewang; rm -rf /", "FROM=2026-11-02", "TO=2026-11-06"], "a road id is [a-z0-9_]"),
+    (["ROAD=gangnam", "FROM=2026-11-02", "TO=2026-11-06"],
+     "ROAD=gangnam: not a road of dags/roads.yaml (roads: daewang_pangyo)"),
+    (["ROAD=daewang_pangyo", "FROM=2026-11-06", "TO=2026-11-02"], "FROM=2026-11-06 is after TO=2026-11-02"),
+    (["ROAD=daewang_pangyo", "FROM=2026-11-31", "TO=2026-12-02"], "FROM=2026-11-31: expected a date YYYY-MM-DD"),
 ])
 def test_backfill_rejects_bad_arguments(args, message):
     proc = make("-n", "backfill", *args)

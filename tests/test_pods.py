@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import kubernetes_validate
 import pendulum
 import pytest
-from test_dags import MappedOperator, parse, write_roads  # test_dags first: it sets AIRFLOW_HOME
+from test_dags import MappedOperator, parse, road_dags, write_roads  # test_dags first: it sets AIRFLOW_HOME
 
 K8S_VERSION = "1.31"  # oldest Kubernetes the chart supports; the schema kubernetes-validate checks against
 LOGICAL_DATE = pendulum.datetime(2026, 11, 2, 0, tz="UTC")  # 09:00 KST
@@ -30,7 +30,8 @@ def rendered_pods(dag) -> list[tuple[str, int, dict]]:
         for map_index in range(len(task.expand_input.value)) if mapped else [-1]:
             ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, map_index=map_index, try_number=1)
             ctx = {"logical_date": LOGICAL_DATE, "ti": ti, "run_id": "scheduled__2026-11-02T00:00:00+00:00",
-                   "dag": dag, "dag_run": SimpleNamespace(conf={}), "task": task}
+                   "dag": dag, "task": task,
+                   "dag_run": SimpleNamespace(conf={}, logical_date=LOGICAL_DATE, run_id="scheduled__x")}
             task.render_template_fields(ctx)  # a mapped task puts its unmapped, rendered operator in ctx["task"]
             pod = ctx["task"].build_pod_request_obj(ctx, dry_run=True)
             out.append((task.task_id, map_index, ApiClient().sanitize_for_serialization(pod)))
@@ -64,7 +65,7 @@ def pods(variants) -> dict[str, list[tuple[str, int, dict]]]:
     try:
         bag = parse(variants)
         assert bag.import_errors == {}
-        return {dag_id: rendered_pods(dag) for dag_id, dag in bag.dags.items()}
+        return {dag_id: rendered_pods(dag) for dag_id, dag in road_dags(bag).items()}
     finally:
         mp.undo()
 
@@ -177,7 +178,7 @@ def test_no_pod_carries_a_credential(pods):
 
 def test_pod_operator_settings(variants):
     bag = parse(variants)
-    for dag_id, dag in bag.dags.items():
+    for dag_id, dag in road_dags(bag).items():
         for task in dag.tasks:
             kw = task.partial_kwargs if isinstance(task, MappedOperator) else vars(task)
             finish = kw["on_finish_action"]  # an OnFinishAction enum once the operator is built

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import zoneinfo
+from typing import Any
+
 STAGES = ("ingest", "detect", "preprocess", "datasheet")
 CLI = "answersheet"
 POD_CONFIG_PATH = "/etc/answersheet/roads.yaml"  # the roads ConfigMap, mounted in every stage pod
 POD_SUMMARY_PATH = "/airflow/xcom/return.json"  # read by the KubernetesPodOperator's XCom sidecar
 
 
-def date_template(timezone: str) -> str:
-    """Jinja for the run's logical date as YYYY-MM-DD in the road's time zone (09:00 KST -> that day)."""
-    return "{{ logical_date.in_timezone('" + timezone + "').strftime('%Y-%m-%d') }}"
+DAY_MACRO = "answersheet_day"  # a user-defined macro of every road DAG (factory: process_day for the road's zone)
+DATE_TEMPLATE = "{{ " + DAY_MACRO + "(dag_run) }}"
+# Set for the stage CLI by both the local operator and the pods: the task log already timestamps each line.
+LOG_TIMESTAMPS_ENV = "ANSWERSHEET_LOG_TIMESTAMPS"
+
+
+def process_day(dag_run: Any, timezone: str) -> str:
+    """The day a run processes, YYYY-MM-DD: the run's logical date in the road's time zone.
+
+    Which instant the logical date is comes from the timetable (factory.timetable_for): with
+    `process_date: previous_run` it is the data interval's start, the cron fire before the run (the run at
+    Tue 09:00 KST has logical date Mon 09:00 KST -> 2026-11-02); with `run_day` it is the run time itself.
+    A run without a logical date (Airflow 3 allows manual runs without one) names no day: its first task
+    fails, without retries, saying so.
+    """
+    logical = getattr(dag_run, "logical_date", None)
+    if logical is None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        run_id = getattr(dag_run, "run_id", "?")
+        raise AirflowFailException(
+            f"answersheet: error: run {run_id}: no logical date, so no day to process; trigger it with the "
+            "logical date of the day (e.g. 2026-11-02T09:00:00+09:00)")
+    return logical.astimezone(zoneinfo.ZoneInfo(timezone)).date().isoformat()
 
 
 def stage_command(stage: str, road: str, date: str, config: str, *, shard: tuple[int, int] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -16,9 +17,14 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from answersheet_dagkit.commands import LOG_TIMESTAMPS_ENV
+from answersheet_dagkit.lineage import record_answer_sheet
+
 CLI_ENV = "ANSWERSHEET_CLI"
 # `answersheet: error: ...` (exit 1, AnswersheetError) or argparse's `answersheet <stage>: error: ...` (exit 2)
 ERROR_LINE = re.compile(r"^answersheet( [a-z]+)?: error: ")
+# A log line of the stage CLI without its timestamp ($ANSWERSHEET_LOG_TIMESTAMPS=0): `INFO answersheet.detect: ...`
+CLI_LOG_LINE = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) (?P<logger>[\w.]+): (?P<message>.*)$")
 
 
 def resolve_cli() -> str:
@@ -42,7 +48,9 @@ class AnswersheetCliOperator(BaseOperator):
     """Run `answersheet <stage> ...` locally; stream its output to the task log; return its summary (XCom).
 
     Exit 1 or 2 with an `answersheet: error:` line is a problem with the input, config or arguments: the
-    task fails without retries. Any other failure (crash, signal) may be retried.
+    task fails without retries. Any other failure (crash, signal) may be retried. With Asset outlets (the
+    datasheet task), the success's asset event carries the day (lineage.record_answer_sheet).
+    The CLI runs with $ANSWERSHEET_LOG_TIMESTAMPS=0: the task log timestamps every line already.
     """
 
     template_fields = ("command",)
@@ -60,20 +68,31 @@ class AnswersheetCliOperator(BaseOperator):
             self.log.info("running: %s", shlex.join(argv))
             error_line = None
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          errors="replace", env=dict(os.environ))
+                                          errors="replace", env={**os.environ, LOG_TIMESTAMPS_ENV: "0"})
             assert self._proc.stdout is not None
             for line in self._proc.stdout:
                 line = line.rstrip("\n")
-                self.log.info("%s", line)
+                self._relay(line)
                 if ERROR_LINE.match(line):
                     error_line = line
             code = self._proc.wait()
             if code == 0:
-                return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+                result = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+                record_answer_sheet(context, self.outlets, self.command, result)
+                return result
             if code in (1, 2) and error_line:
                 raise AirflowFailException(error_line)
             raise AirflowException(
                 f"{self.command[1]} exited with code {code}" + (f": {error_line}" if error_line else ""))
+
+    def _relay(self, line: str) -> None:
+        """One CLI output line into the task log: `LEVEL logger: message` lines keep their level and logger
+        (`answersheet.progress` for the count/rate/ETA lines, WARNING stays a warning), the rest is INFO."""
+        match = CLI_LOG_LINE.match(line)
+        if match:
+            logging.getLogger(match["logger"]).log(getattr(logging, match["level"]), "%s", match["message"])
+        else:
+            self.log.info("%s", line)
 
     def on_kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

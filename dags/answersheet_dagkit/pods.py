@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import Configuration
 from kubernetes.client import models as k8s
+from kubernetes.config import ConfigException
 
-from answersheet_dagkit.commands import POD_CONFIG_PATH
+from answersheet_dagkit.commands import LOG_TIMESTAMPS_ENV, POD_CONFIG_PATH
+from answersheet_dagkit.lineage import record_answer_sheet
 
 SCRATCH = "/scratch"
 CONFIG_DIR = POD_CONFIG_PATH.rsplit("/", 1)[0]
@@ -23,7 +27,10 @@ SCRATCH_ENV = {
     "YOLOV5_CONFIG_DIR": f"{SCRATCH}/.config/Ultralytics",
     "MPLCONFIGDIR": f"{SCRATCH}/.config/matplotlib",
     "ANSWERSHEET_CONFIG": POD_CONFIG_PATH,
+    LOG_TIMESTAMPS_ENV: "0",  # the task log (KubernetesPodOperator get_logs) timestamps each line
 }
+NO_CLUSTER = ("answersheet: error: no Kubernetes cluster configured for the stage pods ({reason}); to run the "
+              "stages as local subprocesses instead, set ANSWERSHEET_EXECUTION_MODE=local")
 
 # One Configuration shared by every model object: by default each object builds its own, which costs
 # ~0.3 ms under Airflow's many loggers and was 70% of the DAG file's parse time (bench/dag_parse.py).
@@ -144,3 +151,35 @@ def pod_operator_kwargs(kube: dict[str, Any], stage: str) -> dict[str, Any]:
     if role == "detector":
         kwargs.update(_gpu_scheduling(kube["gpu"]))
     return kwargs
+
+
+class AnswersheetPodOperator(KubernetesPodOperator):
+    """KubernetesPodOperator that fails at once, without retries, when no cluster is configured, and that
+    puts the day on the asset event of its Asset outlets (the datasheet task; lineage.record_answer_sheet).
+
+    Without a cluster (no in-cluster service account, no kubeconfig, no `kubernetes_default` connection) the
+    plain operator raises the kubernetes client's ConfigException on every try: `airflow dags test` on a
+    laptop then sat out the retry delays (5, 10 ... minutes) printing "No tasks to run". Retrying cannot
+    help a missing configuration, so that one case is an AirflowFailException with one line that names the fix.
+    """
+
+    def _require_cluster(self) -> None:
+        try:
+            self.hook.api_client  # noqa: B018 - loads in-cluster config, the connection or the kubeconfig (cached)
+        except ConfigException as exc:
+            raise AirflowFailException(NO_CLUSTER.format(reason=str(exc).strip().rstrip("."))) from None
+
+    def _command(self) -> list[str]:
+        return [*(self.cmds or []), *(self.arguments or [])]
+
+    def execute(self, context: Any) -> Any:
+        self._require_cluster()
+        result = super().execute(context)
+        if not self.deferrable:
+            record_answer_sheet(context, self.outlets, self._command(), result)
+        return result
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        result = super().trigger_reentry(context, event)  # raises TaskDeferred while the pod still runs
+        record_answer_sheet(context, self.outlets, self._command(), result)
+        return result

@@ -26,12 +26,16 @@ ROAD_KEYS = (
 )
 ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
 MODES = ("kubernetes", "local")
+# Which day a run processes (see factory.timetable_for): the day before the run (the seed's Airflow-2
+# `schedule_interval` semantics, the default) or the day of the run.
+PROCESS_DATES = ("previous_run", "run_day")
 MODE_ENV = "ANSWERSHEET_EXECUTION_MODE"
 ROADS_FILE_ENV = "ANSWERSHEET_ROADS_FILE"
 
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "timezone": "Asia/Seoul",
     "cron": "0 9 * * 1-5",          # weekdays 09:00 local time; null = manual/backfill only
+    "process_date": "previous_run",  # previous_run: Tue 09:00 processes Monday | run_day: processes Tuesday
     "start_date": None,             # required, YYYY-MM-DD in `timezone`
     "catchup": False,
     "max_active_runs": 1,
@@ -98,6 +102,7 @@ class Schedule:
 
     timezone: str
     cron: str | None
+    process_date: str  # one of PROCESS_DATES
     start_date: dt.date
     catchup: bool
     max_active_runs: int
@@ -224,6 +229,9 @@ def validate_schedule(road: str, raw: Any) -> Schedule:
     cron = s["cron"]
     if cron is not None and (not isinstance(cron, str) or not cron.strip()):
         raise _fail(road, "schedule.cron", f"must be a cron expression such as '0 9 * * 1-5' or null, got {cron!r}")
+    process_date = s["process_date"]
+    if process_date not in PROCESS_DATES:
+        raise _fail(road, "schedule.process_date", f"must be one of {PROCESS_DATES}, got {process_date!r}")
     start = s["start_date"]
     if isinstance(start, str):
         try:
@@ -235,6 +243,7 @@ def validate_schedule(road: str, raw: Any) -> Schedule:
     return Schedule(
         timezone=tz,
         cron=cron.strip() if cron else None,
+        process_date=process_date,
         start_date=start,
         catchup=_bool(road, "schedule.catchup", s["catchup"]),
         max_active_runs=_int(road, "schedule.max_active_runs", s["max_active_runs"], 1, 64),

@@ -159,12 +159,16 @@ class _RedactingFormatter(logging.Formatter):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        stream=sys.stderr,
-    )
+    # Under Airflow (the local operator and the stage pods set ANSWERSHEET_LOG_TIMESTAMPS=0) the task log
+    # timestamps every line already: a second timestamp per line only made the log harder to read.
+    timestamps = os.environ.get("ANSWERSHEET_LOG_TIMESTAMPS", "1") != "0"
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr)
+    if level > logging.DEBUG:  # botocore's INFO lines per client ("Found credentials in ...") buried the progress
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+    log_format = LOG_FORMAT if timestamps else LOG_FORMAT.removeprefix("%(asctime)s ")
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
+        handler.setFormatter(_RedactingFormatter(log_format))
     try:
         if args.command in ("export-onnx", "pull"):
             print(json.dumps((_export_onnx if args.command == "export-onnx" else _pull)(args)))
