@@ -236,3 +236,23 @@ def test_agnostic_nms_gives_one_box_per_vehicle_but_keeps_the_rider():
     assert sorted(grouped.names[int(c)] for c in det[:, 5]) == ["car", "motorcycle", "person"]
     with pytest.raises(ConfigError, match="'detect.agnostic_nms'.*'lorry'"):
         road(classes=ROAD6, class_map={"car": "car"}, agnostic_nms=["car", "lorry"])
+
+
+def test_class_mappings_digest_the_same_in_any_key_order(tmp_path):
+    """Helm's YAML round trip sorts mapping keys: the same road must keep its stage digests (else every deploy
+    would redo detect)."""
+    import yaml
+    from conftest import ROADS_FILE
+
+    from answersheet.config import load_road
+
+    doc = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))
+    det = doc["roads"][0].setdefault("detect", {})
+    det["class_conf_thres"] = {"truck": 0.3, "car": 0.3, "bus": 0.6, "motorcycle": 0.1}
+    det["class_map"] = {"train": None, "airplane": None}
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    b = tmp_path / "b.yaml"
+    b.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=True), encoding="utf-8")
+    ra, rb = load_road(a, doc["roads"][0]["id"]), load_road(b, doc["roads"][0]["id"])
+    assert ra.digest() == rb.digest() and ra.digest("detect") == rb.digest("detect")

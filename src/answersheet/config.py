@@ -417,7 +417,7 @@ def _class_map(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[s
             raise _fail(road, key, f"model class names must be strings, got {src!r}")
         if dst is not None and dst not in classes:
             raise _fail(road, key, f"{src!r} -> {dst!r}: {dst!r} is not one of the road's classes {list(classes)}")
-    return tuple((str(k), v) for k, v in value.items())
+    return tuple(sorted((str(k), v) for k, v in value.items()))  # a mapping: key order must not change digests
 
 
 def _class_conf(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -431,7 +431,7 @@ def _class_conf(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[
         if name not in classes:
             raise _fail(road, key, f"{name!r} is not one of the road's classes {list(classes)}")
         out.append((name, _number(road, f"{key}.{name}", thr, float, 0, 1)))
-    return tuple(out)
+    return tuple(sorted(out))  # a mapping: key order (e.g. after Helm's YAML round trip) must not change digests
 
 
 def _agnostic(road: str, value: Any, classes: tuple[str, ...]) -> tuple[str, ...]:
