@@ -220,17 +220,25 @@ def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.nda
     return np.asarray(keep, np.int64)
 
 
-def nms(cands: np.ndarray, conf_thres: float, iou_thres: float, max_det: int) -> np.ndarray:
-    """yolov5's non_max_suppression for one image (defaults of `yolov5 detect`): (n, 6) xyxy, conf, cls."""
-    x = cands[cands[:, 4] > conf_thres]  # confidence (candidates() usually did this on the device)
+def best_class(cands: np.ndarray, min_conf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The head of yolov5's non_max_suppression, shared by `nms` and the road-class NMS: candidates with
+    objectness > min_conf as (xyxy boxes, conf = obj_conf * best cls_conf, best class index); None if none."""
+    x = cands[cands[:, 4] > min_conf]  # confidence (candidates() usually did this on the device)
     if not x.shape[0]:
-        return np.zeros((0, 6), np.float32)
+        return None
     x = x.copy()
     x[:, 5:] *= x[:, 4:5]  # conf = obj_conf * cls_conf
-    box = xywh2xyxy(x[:, :4])
     j = x[:, 5:].argmax(1)
-    conf = x[np.arange(len(x)), 5 + j][:, None]
-    x = np.concatenate((box, conf, j[:, None].astype(np.float32)), 1)[conf[:, 0] > conf_thres]
+    return xywh2xyxy(x[:, :4]), x[np.arange(len(x)), 5 + j], j
+
+
+def nms(cands: np.ndarray, conf_thres: float, iou_thres: float, max_det: int) -> np.ndarray:
+    """yolov5's non_max_suppression for one image (defaults of `yolov5 detect`): (n, 6) xyxy, conf, cls."""
+    scored = best_class(cands, conf_thres)
+    if scored is None:
+        return np.zeros((0, 6), np.float32)
+    box, conf, j = scored
+    x = np.concatenate((box, conf[:, None], j[:, None].astype(np.float32)), 1)[conf > conf_thres]
     if not x.shape[0]:
         return np.zeros((0, 6), np.float32)
     x = x[np.argsort(-x[:, 4], kind="stable")[:MAX_NMS]]  # sort by confidence, remove excess boxes

@@ -17,7 +17,7 @@ import numpy as np
 
 from answersheet.config import DetectSettings
 from answersheet.errors import AnswersheetError, ConfigError
-from answersheet.inference import MAX_NMS, MAX_WH, nms, nms_boxes, scale_boxes, xywh2xyxy, xyxy2xywh
+from answersheet.inference import MAX_NMS, MAX_WH, best_class, nms, nms_boxes, scale_boxes, xyxy2xywh
 
 SOURCES = ("full", "slice", "flip")  # column 6 of a box row: which view found it
 
@@ -88,14 +88,10 @@ def road_nms(cands: np.ndarray, rc: RoadClasses, iou_thres: float, max_det: int)
     """
     if rc.plain:
         return nms(cands, rc.conf_thres, iou_thres, max_det)
-    x = cands[cands[:, 4] > rc.min_conf]
-    if not x.shape[0]:
+    scored = best_class(cands, rc.min_conf)
+    if scored is None:
         return np.zeros((0, 6), np.float32)
-    x = x.copy()
-    x[:, 5:] *= x[:, 4:5]  # conf = obj_conf * cls_conf
-    box = xywh2xyxy(x[:, :4])
-    j = x[:, 5:].argmax(1)
-    conf = x[np.arange(len(x)), 5 + j]
+    box, conf, j = scored
     road = j if rc.lut is None else rc.lut[j]
     keep = road >= 0
     keep[keep] = conf[keep] > rc.thresholds[road[keep]]
