@@ -295,8 +295,9 @@ def model_only(onnx_path: Path, photos: list[Path], road_cfg, rounds: int = 2) -
     """CPU milliseconds per image of the ONNX model alone (one single-threaded session, as each of detect's
     streams runs it) over these photos' views: the full frame, plus the image's tiles as one batch. Thread
     CPU time, so the figure holds on a machine shared with other jobs (wall time does not)."""
-    from answersheet.inference import OnnxBackend, prepare
-    from answersheet.slicing import prepare_sliced
+    from answersheet.detector.onnx_backend import OnnxBackend
+    from answersheet.detector.preprocess import prepare
+    from answersheet.detector.slicing import prepare_sliced
 
     d = road_cfg.detect
     backend = OnnxBackend(onnx_path, "cpu", threads=1, sessions=1)

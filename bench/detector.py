@@ -151,8 +151,9 @@ def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
     import numpy as np
     import torch
 
-    from answersheet.inference import OnnxBackend, TorchBackend
-    from answersheet.model import load_checkpoint
+    from answersheet.detector.checkpoint import load_checkpoint
+    from answersheet.detector.onnx_backend import OnnxBackend
+    from answersheet.detector.torch_backend import TorchBackend
 
     cpus = len(os.sched_getaffinity(0))
     setups = {  # name: (backend, concurrent streams)

@@ -367,7 +367,7 @@ def test_export_onnx_to_a_local_file_writes_the_sha256_beside_it(tiny_weights, t
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert result["onnx_sha256"] == digest and result["weights_sha256"] == sha
     assert (tmp_path / "models" / "tiny.onnx.sha256").read_text() == f"{digest}  tiny.onnx\n"
-    from answersheet.inference import OnnxBackend
+    from answersheet.detector.onnx_backend import OnnxBackend
 
     backend = OnnxBackend(out, "cpu")
     assert (backend.stride, len(backend.names), backend.names[0]) == (32, 80, "person")
@@ -383,7 +383,7 @@ def test_export_onnx_to_a_local_file_writes_the_sha256_beside_it(tiny_weights, t
 def tiny_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
     """(path, sha256) of the tiny weights exported by `export-onnx` to a local file (traced at the tiny
     roads' imgsz, so it is also byte for byte what the ONNX cache holds for them)."""
-    from answersheet.onnx_export import export_onnx
+    from answersheet.detector.onnx_export import export_onnx
 
     path, sha = tiny_weights
     out = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
@@ -404,6 +404,52 @@ def onnx_roads(path: Path, store: Store, weights: str, sha: str, onnx: Path, onn
     return write_identity_roads(path, store.bucket, cameras=list(CAMERAS),
                             detect={"weights": weights, "sha256": sha, "onnx": str(onnx), "onnx_sha256": onnx_sha,
                                     "backend": "onnx", "batch_size": 4, **TINY})
+
+
+def test_onnx_backend_opens_and_runs_without_importing_torch(tiny_weights, tiny_onnx, tmp_path):
+    """The CPU default — open_backend, ONNX Runtime, the numpy pre/post-processing, the stage module — never
+    imports torch or yolov5 (torch alone: ≈0.9 GB RSS and seconds of start-up), in a fresh interpreter."""
+    (weights, sha), (onnx_path, onnx_sha) = tiny_weights, tiny_onnx
+    roads = write_identity_roads(tmp_path / "roads.yaml", "answersheet", cameras=list(CAMERAS),
+                                 detect={"weights": str(weights), "sha256": sha, "onnx": str(onnx_path),
+                                         "onnx_sha256": onnx_sha, **TINY})
+    code = f"""if True:
+        import json, sys
+        import answersheet.detect
+        from answersheet.config import load_road
+        from answersheet.detector import Backend, open_backend
+        from answersheet.detector.postprocess import candidates, nms
+        from answersheet.detector.preprocess import prepare
+        road = load_road({str(roads)!r}, {ROAD!r})
+        backend, lineage = open_backend(road.detect, "auto", "cpu", {str(tmp_path)!r})
+        p = prepare("bus.jpg", open({str(BUS)!r}, "rb").read(), 320, backend.stride)
+        rows = candidates(backend.infer(p.chw[None]), 0.25)[0]
+        print(json.dumps({{"backend": isinstance(backend, Backend), "lineage": lineage,
+                          "boxes": len(nms(rows, 0.25, 0.45, 100)),
+                          "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "yolov5"))}}))
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["heavy"] == [] and out["backend"] and out["boxes"] > 0
+    assert {k: out["lineage"][k] for k in ("backend", "sha256", "onnx", "onnx_sha256", "device", "providers")} == {
+        "backend": "onnx", "sha256": sha, "onnx": str(onnx_path), "onnx_sha256": onnx_sha, "device": "cpu",
+        "providers": ["CPUExecutionProvider"]}
+
+
+def test_every_backend_is_a_backend_and_an_unknown_one_is_one_line(tiny_weights, tiny_onnx):
+    from answersheet.detector import LOADERS, Backend, resolve_backend
+    from answersheet.detector.checkpoint import load_checkpoint
+    from answersheet.detector.onnx_backend import OnnxBackend
+    from answersheet.detector.torch_backend import TorchBackend
+
+    for backend in (TorchBackend(load_checkpoint(tiny_weights[0]), "cpu"), OnnxBackend(tiny_onnx[0], "cpu")):
+        assert isinstance(backend, Backend) and backend.name in LOADERS
+        assert (backend.stride, backend.nc, backend.device, backend.streams) == (32, 80, "cpu", 1)
+    with pytest.raises(AnswersheetError) as caught:
+        resolve_backend("tflite", "cpu")
+    assert str(caught.value) == f"--backend 'tflite': must be one of auto, {', '.join(LOADERS)}"
+    assert resolve_backend("auto", "cpu") == ("onnx", "cpu")
 
 
 def one_error_line(err: str) -> str:
@@ -500,8 +546,8 @@ def auto_roads(path: Path, store: Store, tiny_day: dict) -> Path:
 
 
 def test_fast_default_exports_once_into_the_bucket_cache_then_reads_it(tiny_day, tiny_copy, tmp_path):
+    from answersheet.detector.onnx_export import OPSET, export_settings_hash
     from answersheet.layout import onnx_cache_key
-    from answersheet.onnx_export import OPSET, export_settings_hash
 
     store, _ = tiny_copy
     roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
@@ -530,8 +576,8 @@ def test_fast_default_exports_once_into_the_bucket_cache_then_reads_it(tiny_day,
 def test_fast_default_corrupt_cache_entry_is_detected_and_replaced(tiny_day, tiny_copy, tiny_onnx, tmp_path, caplog):
     """A cache entry with one bit-rotted byte (its recorded digest unchanged) is refused on read, exported
     again and replaced — with the bytes `export-onnx` makes for the same weights and settings (deterministic)."""
+    from answersheet.detector.onnx_export import OPSET, export_settings_hash
     from answersheet.layout import onnx_cache_key
-    from answersheet.onnx_export import OPSET, export_settings_hash
 
     store, _ = tiny_copy
     roads = auto_roads(tmp_path / "roads.yaml", store, tiny_day)
@@ -574,8 +620,8 @@ def test_fast_default_two_shards_racing_share_one_cache_entry(tiny_day, tiny_cop
 def test_fast_default_a_second_writer_gets_the_first_writers_entry(tiny_day, store, tmp_path):
     """The race, deterministically: the entry appears between this run's miss and its write (another shard
     won). The conditional PUT is refused and this run uses — and verifies — the bytes the bucket holds."""
+    from answersheet.detector.onnx_export import OPSET, _publish, export_settings_hash
     from answersheet.layout import onnx_cache_key
-    from answersheet.onnx_export import OPSET, _publish, export_settings_hash
 
     key = onnx_cache_key(tiny_day["sha"], OPSET, export_settings_hash(320))
     theirs, ours = b"their export", tmp_path / "ours.onnx"

@@ -9,10 +9,9 @@ import pytest
 from conftest import ROADS_FILE
 
 from answersheet.config import SliceSettings, read_roads_file, validate_road
+from answersheet.detector.postprocess import image_boxes, nms, resolve_classes, road_nms, to_original
+from answersheet.detector.slicing import greedy_nmm, merge_views, slice_boxes
 from answersheet.errors import AnswersheetError, ConfigError
-from answersheet.inference import nms
-from answersheet.postprocess import image_boxes, resolve_classes, road_nms, to_original
-from answersheet.slicing import greedy_nmm, merge_views, slice_boxes
 
 
 def coco_names() -> dict[int, str]:

@@ -232,7 +232,8 @@ def check_opencv(ctx: Context) -> str:
 
 
 def check_imports(ctx: Context) -> str:
-    modules = ("onnxruntime", "yolov5.models.common", "yolov5.models.yolo", "answersheet.cli", "answersheet.model")
+    modules = ("onnxruntime", "yolov5.models.common", "yolov5.models.yolo", "answersheet.cli",
+               "answersheet.detector.checkpoint")
     for module in modules:
         try:
             importlib.import_module(module)

@@ -103,7 +103,7 @@ def _add_export_onnx(sub) -> None:
 
 
 def _export_onnx(args: argparse.Namespace) -> dict:
-    from answersheet.onnx_export import export_onnx
+    from answersheet.detector.onnx_export import export_onnx
 
     return export_onnx(args.weights, out=args.out, imgsz=args.imgsz, sha256=args.sha256)
 

@@ -20,7 +20,6 @@ are byte-identical to `yolov5 detect --save-txt`.
 from __future__ import annotations
 
 import ctypes
-import glob
 import logging
 import os
 import tempfile
@@ -29,7 +28,6 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,9 +44,12 @@ from botocore.exceptions import (
 from answersheet import manifest
 from answersheet.config import DetectSettings
 from answersheet.day import RoadDay
+from answersheet.detector import CPUS, Backend, BatchTooLarge, open_backend
+from answersheet.detector import resolve_backend as resolve_engine  # noqa: F401 - detect_day's name for it
+from answersheet.detector.onnx_export import export_settings_hash
+from answersheet.detector.postprocess import RoadClasses, candidates, detections, image_boxes
+from answersheet.detector.preprocess import BadImage, Prepared, prepare
 from answersheet.errors import AnswersheetError, printable
-from answersheet.inference import BadImage, BatchTooLarge, Prepared, candidates, prepare
-from answersheet.onnx_export import export_settings_hash
 from answersheet.progress import Progress
 from answersheet.storage import Store, sha256_bytes
 
@@ -60,20 +61,6 @@ STAGE = "detect"
 CPU_MAX_BATCH = 4
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a pod's CPU limit)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "<quota> <period>" or "max <period>"
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
-CPUS = available_cpus()
 TRIM_EVERY = 32  # images between malloc_trim calls
 M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -191,124 +178,28 @@ def _one_line(exc: BaseException) -> str:
 
 @dataclass
 class Engine:
-    """A ready backend and what the manifest records about it."""
+    """An open backend and its lineage (the manifest's `model`), as detect_day uses them."""
 
-    backend: Any  # inference.TorchBackend | inference.OnnxBackend
-    name: str
-    device: str
-    stride: int
-    names: dict[int, str]
+    backend: Backend
     model: dict[str, Any]
-    streams: int = 1  # concurrent inference calls
 
+    @property
+    def stride(self) -> int:
+        return self.backend.stride
 
-def gpu_visible() -> bool:
-    """An NVIDIA GPU is exposed to this container (checked without importing torch)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
-        return False
-    return os.path.exists("/dev/nvidiactl") or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+    @property
+    def names(self) -> dict[int, str]:
+        return self.backend.names
 
-
-def _torch_cuda_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _ort_has_cuda() -> bool:
-    import onnxruntime as ort
-
-    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
-
-
-def resolve_engine(backend: str, device: str) -> tuple[str, str]:
-    """(backend, device) from the requested ones.
-
-    device auto -> cuda:0 when a GPU is visible (and usable by the backend), else cpu; an explicit cuda
-    device must exist. backend auto -> torch on CUDA, else onnx (ONNX Runtime; no torch import at all).
-    """
-    gpu = gpu_visible()
-    if device == "auto":
-        if gpu and backend in ("auto", "torch") and _torch_cuda_count():
-            device = "cuda:0"
-        elif gpu and backend == "onnx" and _ort_has_cuda():
-            device = "cuda:0"
-        else:
-            device = "cpu"
-    elif device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        ok = _ort_has_cuda() if backend == "onnx" else index < _torch_cuda_count()
-        if not gpu or not ok:
-            raise AnswersheetError(f"--device {device}: no usable CUDA device here for the {backend} backend; "
-                                   "use --device cpu or auto")
-        device = f"cuda:{index}"
-    if backend == "auto":
-        backend = "torch" if device.startswith("cuda") else "onnx"
-    return backend, device
+    @property
+    def streams(self) -> int:  # concurrent inference calls
+        return self.backend.streams
 
 
 def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str,
                 store: Store | None = None) -> Engine:
-    """Fetch and verify the model file(s), then build the backend; no stage output is written.
-
-    The weights are always fetched and verified against detect.sha256 (yolov5n: 3.9 MB, ≈ 0.1 s), also
-    for the onnx backend, which runs detect.onnx verified against detect.onnx_sha256 — or, without
-    detect.onnx, the bucket's ONNX cache entry for detect.sha256 (exported once on a miss;
-    onnx_export.cached_export). Either ONNX file must carry `source_sha256` = detect.sha256 in its
-    metadata: so the lineage the manifest records (weights sha256 -> ONNX sha256) is always true.
-    """
-    from answersheet.inference import OnnxBackend, TorchBackend
-    from answersheet.model import fetch_verified, load_checkpoint
-
-    model = {"weights": settings.weights, "sha256": settings.sha256, "backend": backend,
-             "imgsz": settings.imgsz, "conf_thres": settings.conf_thres, "iou_thres": settings.iou_thres,
-             "max_det": settings.max_det}
-    weights_dir = Path(scratch) / "weights"  # apart from the ONNX file, which may have the same base name
-    weights_dir.mkdir(exist_ok=True)
-    weights = fetch_verified(settings.weights, settings.sha256, weights_dir, "detect.sha256")
-    if backend == "torch":
-        loaded = load_checkpoint(weights)
-        engine = TorchBackend(loaded, device)
-        stride, names, streams = loaded.stride, loaded.names, 1
-    else:
-        if settings.onnx:
-            onnx_path = fetch_verified(settings.onnx, settings.onnx_sha256, scratch, "detect.onnx_sha256")
-            model.update(onnx=settings.onnx, onnx_sha256=settings.onnx_sha256)
-            source = settings.onnx
-        else:
-            from answersheet.onnx_export import cached_export
-
-            if store is None:
-                raise AnswersheetError("detect: no detect.onnx and no bucket for the ONNX cache")
-            cached = cached_export(store, weights, settings.sha256, settings.imgsz, scratch)
-            onnx_path, source = cached.path, cached.uri
-            model.update(onnx=cached.uri, onnx_sha256=cached.sha256, onnx_cache=cached.cache)
-        # On CPU, one single-threaded ORT run per core beats one run over all cores (no intra-op sync,
-        # no spinning): measured 47 vs 32 img/s for yolov5n on 2 cores (bench/detector.py).
-        cpu = not device.startswith("cuda")
-        streams = min(CPUS, 8) if cpu else 1
-        engine = OnnxBackend(onnx_path, device, threads=1 if cpu else None, sessions=streams)
-        check_onnx_source(source, engine.metadata.get("source_sha256"), settings.sha256)
-        stride, names = engine.stride, engine.names
-    model["device"] = device
-    model["providers"] = list(engine.providers)
-    model["streams"] = streams
-    return Engine(backend=engine, name=backend, device=device, stride=stride, names=names, model=model,
-                  streams=streams)
-
-
-def check_onnx_source(onnx: str, source_sha256: str | None, sha256: str) -> None:
-    """Refuse an ONNX file not exported from the weights the road names (detect.sha256)."""
-    if not source_sha256:
-        raise AnswersheetError(
-            f"{onnx}: no source_sha256 in its metadata, so it cannot be checked against detect.sha256 {sha256}; "
-            "re-export it with `answersheet export-onnx --weights <weights> --sha256 <detect.sha256>`")
-    if source_sha256 != sha256:
-        raise AnswersheetError(
-            f"{onnx}: exported from weights with sha256 {source_sha256}, but detect.sha256 is {sha256} "
-            "(a stale detect.sha256, or an ONNX file of other weights)")
+    """The detector's backend for these settings (answersheet.detector.open_backend); no stage output is written."""
+    return Engine(*open_backend(settings, backend, device, scratch, store))
 
 
 def shard_images(ingest: dict, shard_index: int, shard_count: int) -> tuple[list[dict], list[dict]]:
@@ -333,7 +224,7 @@ class ShardRun:
     failed: list[dict] = field(default_factory=list)
     retries: dict[str, int] = field(default_factory=dict)  # image name -> extra GETs it took
     keys: dict[str, str] = field(default_factory=dict)  # image name -> object key
-    classes: Any = None  # postprocess.RoadClasses
+    classes: RoadClasses | None = None
     records: list[dict] = field(default_factory=list)  # predictions lines
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -357,7 +248,7 @@ class ShardRun:
                      "y" if retries == 1 else "ies")
         try:
             if self.settings.slices:
-                from answersheet.slicing import prepare_sliced
+                from answersheet.detector.slicing import prepare_sliced
 
                 return prepare_sliced(name, data, self.imgsz, self.engine.stride, self.settings.slices)
             return prepare(name, data, self.imgsz, self.engine.stride)
@@ -418,11 +309,10 @@ class ShardRun:
         `images` holds (name, original shape, letterboxed shape, tile boxes, letterboxed tile shape, tile
         candidates); `cands` the full frames' rows above the lowest threshold.
         """
-        from answersheet.postprocess import image_boxes
-
         for (name, shape0, shape1, *tiles), rows in zip(images, cands, strict=True):
             try:
-                boxes = image_boxes(name, self.boxes(rows, shape1, shape0, *tiles), shape0, self.classes.names)
+                det = detections(rows, shape1, shape0, self.classes, self.settings, *tiles)
+                boxes = image_boxes(name, det, shape0, self.classes.names)
             except Exception as exc:  # noqa: BLE001 - one image's post-processing must not end the day
                 self.fail(Failure(name, self.keys.get(name, ""), f"NMS/labels failed: {_one_line(exc)}"))
                 continue
@@ -438,24 +328,6 @@ class ShardRun:
                 self.images[name] = {"label": key, "boxes": len(classes), "per_class": per_class}
                 self.records.append(boxes.record)
             self.progress.advance()
-
-    def boxes(self, rows: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int],
-              tile_boxes: list[tuple[int, int, int, int]], tile_shape1: tuple[int, int] | None,
-              tile_cands: list[np.ndarray]) -> np.ndarray:
-        """One image's boxes in its pixels (xyxy, conf, road class, source), sorted by confidence: the full
-        frame's, merged with its tiles' when the road slices (answersheet.slicing)."""
-        from answersheet.postprocess import road_nms, to_original
-
-        s, rc = self.settings, self.classes
-        det = to_original(road_nms(rows, rc, s.iou_thres, s.max_det), shape1, shape0)
-        if not tile_boxes:
-            return det
-        from answersheet.slicing import merge_views
-
-        views = [det] + [
-            to_original(road_nms(t, rc, s.iou_thres, s.max_det), tile_shape1, (y1 - y0, x1 - x0), (x0, y0), 1)
-            for (x0, y0, x1, y1), t in zip(tile_boxes, tile_cands, strict=True)]
-        return merge_views(np.concatenate(views), s.slices, s.max_det)
 
     def fail(self, failure: Failure) -> None:
         log.warning("detect: skipping %s: %s", self.store.uri(failure.key), printable(failure.reason))

@@ -83,7 +83,7 @@ def published_manifest(road: str, day: dt.date) -> str:
 
 
 # Bucket-wide (not per road-day): ONNX exports of YOLOv5 weights, content-addressed, shared by every road
-# and day whose weights have that sha256 (see onnx_export.cached_export).
+# and day whose weights have that sha256 (see detector.onnx_export.cached_export).
 ONNX_CACHE_PREFIX = "models/.onnx-cache/"
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from answersheet.config import SliceSettings
-from answersheet.inference import Prepared, decode_bgr, letterbox_chw, nms_boxes
+from answersheet.detector.postprocess import MAX_WH, nms_boxes
+from answersheet.detector.preprocess import Prepared, decode_bgr, letterbox_chw
 
 
 def slice_boxes(height: int, width: int, size: tuple[int, int], overlap: float) -> list[tuple[int, int, int, int]]:
@@ -112,7 +113,7 @@ def merge_views(det: np.ndarray, slices: SliceSettings, max_det: int) -> np.ndar
         return greedy_nmm(det, slices.match_metric, slices.match_threshold)[:max_det]
     det = det[np.argsort(-det[:, 4], kind="stable")]
     if slices.match_metric == "iou":
-        keep = nms_boxes(det[:, :4] + det[:, 5:6] * np.float32(7680), det[:, 4], slices.match_threshold)
+        keep = nms_boxes(det[:, :4] + det[:, 5:6] * np.float32(MAX_WH), det[:, 4], slices.match_threshold)
     else:  # NMS by intersection over the smaller box: greedy_nmm's matching without the union
         keep, done = [], np.zeros(len(det), bool)
         for i in range(len(det)):

@@ -24,8 +24,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from answersheet.detector.weights import fetch_verified, file_sha256
 from answersheet.errors import AnswersheetError
-from answersheet.model import fetch_verified, file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def export_model(weights: str | os.PathLike, out: str | os.PathLike, imgsz: int 
     """
     import onnx
     import torch
+
+    from answersheet.detector.checkpoint import load_checkpoint
 
     source_sha256 = source_sha256 or file_sha256(weights)
     loaded = load_checkpoint(weights, fuse=True)
@@ -117,10 +119,7 @@ def export_onnx(weights: str, out: str | None = None, imgsz: int = 640, sha256: 
     """Export weights (local path or s3:// URI) to ONNX beside them (or at `out`), with `<out>.sha256`."""
     out = out or default_out(weights)
     with tempfile.TemporaryDirectory(prefix="answersheet-export-") as scratch:
-        if sha256:
-            local = fetch_verified(weights, sha256, scratch, what="--sha256")
-        else:
-            local = _fetch_unverified(weights, scratch)
+        local = fetch_verified(weights, sha256 or None, scratch, what="--sha256")
         weights_sha = file_sha256(local)
         target = Path(scratch) / "model.onnx" if out.startswith("s3://") else Path(out).expanduser().resolve()
         digest = export_model(local, target, imgsz=imgsz, source_sha256=weights_sha)
@@ -138,21 +137,6 @@ def export_onnx(weights: str, out: str | None = None, imgsz: int = 640, sha256: 
     log.info("export-onnx: %s -> %s (sha256 %s)", weights, out, digest)
     return {"onnx": out, "onnx_sha256": digest, "weights_sha256": weights_sha, "opset": OPSET,
             "dynamic": ["batch", "height", "width"]}
-
-
-def _fetch_unverified(weights: str, scratch: str) -> Path:
-    if weights.startswith("s3://"):
-        from answersheet.storage import Store, split_s3_uri
-
-        bucket, key = split_s3_uri(weights)
-        path = Path(scratch) / (key.rsplit("/", 1)[-1] or "model.pt")
-        with open(path, "wb") as f:
-            Store(bucket).download(key, f)
-        return path
-    path = Path(weights).expanduser().resolve()
-    if not path.is_file():
-        raise AnswersheetError(f"{weights}: model file not found")
-    return path
 
 
 # -- the bucket's ONNX cache (detect without detect.onnx) ---------------------------------------------
@@ -262,3 +246,15 @@ def _publish(store, key: str, exported: Path, digest: str, weights_sha256: str, 
         log.warning("ONNX cache sidecar not written: %s", exc)
     log.info("ONNX cache: %s (sha256 %s; %s)", store.uri(key), held, cache)
     return CachedOnnx(path, held, store.uri(key), cache)
+
+
+def check_onnx_source(onnx: str, source_sha256: str | None, sha256: str) -> None:
+    """Refuse an ONNX file not exported from the weights the road names (detect.sha256)."""
+    if not source_sha256:
+        raise AnswersheetError(
+            f"{onnx}: no source_sha256 in its metadata, so it cannot be checked against detect.sha256 {sha256}; "
+            "re-export it with `answersheet export-onnx --weights <weights> --sha256 <detect.sha256>`")
+    if source_sha256 != sha256:
+        raise AnswersheetError(
+            f"{onnx}: exported from weights with sha256 {source_sha256}, but detect.sha256 is {sha256} "
+            "(a stale detect.sha256, or an ONNX file of other weights)")
