@@ -437,8 +437,8 @@ def test_onnx_backend_opens_and_runs_without_importing_torch(tiny_weights, tiny_
         "providers": ["CPUExecutionProvider"]}
 
 
-def test_every_backend_is_a_backend_and_an_unknown_one_is_one_line(tiny_weights, tiny_onnx):
-    from answersheet.detector import LOADERS, Backend, resolve_backend
+def test_every_backend_is_a_backend(tiny_weights, tiny_onnx):
+    from answersheet.detector import LOADERS, Backend
     from answersheet.detector.checkpoint import load_checkpoint
     from answersheet.detector.onnx_backend import OnnxBackend
     from answersheet.detector.torch_backend import TorchBackend
@@ -446,10 +446,22 @@ def test_every_backend_is_a_backend_and_an_unknown_one_is_one_line(tiny_weights,
     for backend in (TorchBackend(load_checkpoint(tiny_weights[0]), "cpu"), OnnxBackend(tiny_onnx[0], "cpu")):
         assert isinstance(backend, Backend) and backend.name in LOADERS
         assert (backend.stride, backend.nc, backend.device, backend.streams) == (32, 80, "cpu", 1)
-    with pytest.raises(AnswersheetError) as caught:
-        resolve_backend("tflite", "cpu")
-    assert str(caught.value) == f"--backend 'tflite': must be one of auto, {', '.join(LOADERS)}"
-    assert resolve_backend("auto", "cpu") == ("onnx", "cpu")
+
+
+def test_backend_and_device_resolve_or_fail_in_one_line(monkeypatch):
+    from answersheet.detector import LOADERS, resolve_backend
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # no GPU visible, also on a machine that has one
+    assert resolve_backend("auto", "auto") == ("onnx", "cpu")
+    assert resolve_backend("torch", "auto") == ("torch", "cpu")
+    for backend, device, message in [
+        ("tflite", "cpu", f"--backend 'tflite': must be one of auto, {', '.join(LOADERS)}"),
+        ("onnx", "cuda:1",
+         "--device cuda:1: no usable CUDA device here for the onnx backend; use --device cpu or auto"),
+    ]:
+        with pytest.raises(AnswersheetError) as caught:
+            resolve_backend(backend, device)
+        assert str(caught.value) == message
 
 
 def one_error_line(err: str) -> str:
