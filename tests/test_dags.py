@@ -214,7 +214,10 @@ BAD_ROADS = [
     ({"kubernetes": {"gpu": {"count": 0}}}, "kubernetes.gpu.count", "must be an integer in [1, 16], got 0"),
     ({"kubernetes": {"gpus": 1}}, "kubernetes.gpus", "unknown key"),
     ({"schedule": {"timezone": "Asia/Seol"}}, "schedule.timezone", "not an IANA time zone"),
-    ({"detect": {"shards": 0}}, "detect.shards", "must be an integer in [1, 256]"),
+    ({"detect": {"shards": 0}}, "detect.shards", "must be in [1, 256], got 0"),
+    # the stage keys too (one schema, roads.schema.json): a bad bucket fails at parse, not later in a pod
+    ({"bucket": "Answer_Sheet"}, "bucket", "not a valid S3 bucket name"),
+    ({"detect": {"conf_thres": float("nan")}}, "detect.conf_thres", "must be a finite number in [0, 1], got nan"),
     ({"kubernetes": {"images": {"detector": {"tag": 1.0}}}}, "kubernetes.images.detector.tag", "quote numbers"),
     ({"kubernetes": {"resources": {"detector": {"limits": {"memory": "32 GB"}}}}},
      "kubernetes.resources.detector.limits.memory", "Kubernetes quantity"),

@@ -1,48 +1,27 @@
-"""Read the roads file and validate the keys the DAG side uses: `id`, `schedule`, `kubernetes`, `detect.shards`.
+"""The DAG side of the roads file: each road checked against roads.schema.json (roadsfile, shared with the stage
+CLI) and turned into what the DAG factory needs (`id`, `schedule`, `kubernetes`, `detect.shards`).
 
-Stdlib + yaml only (no Airflow): a road's problem is a RoadConfigError naming the road and the key, in
-the same words as `answersheet.config`. Stage keys (cameras, classes, detect.* ...) are validated by the
-stage CLI when it runs; here only their presence as known top-level keys is checked.
+Stdlib + yaml + jsonschema only (no Airflow, no `answersheet`): a road's problem is a RoadConfigError naming
+the road and the key, in the same words as the stage CLI (the same code builds them). Checks only the DAG side
+needs (the kubernetes section, the execution mode, the cron expression in the factory) live here.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import math
 import os
 import re
-import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from answersheet_dagkit.roadsfile import RoadsFileError, check_road, deep_merge, read_roads, schema_defaults
+from answersheet_dagkit.roadsfile import fail as _fail
 
-# Every key a road may have; the same tuple as answersheet.config.ROAD_KEYS (tests/test_contract.py).
-ROAD_KEYS = (
-    "id", "name", "bucket", "cameras", "classes", "short_set_policy",
-    "ingest", "detect", "schedule", "kubernetes", "unlabelled_labels", "sheet",
-)
-ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
 MODES = ("kubernetes", "local")
-# Which day a run processes (see factory.timetable_for): the day before the run (the seed's Airflow-2
-# `schedule_interval` semantics, the default) or the day of the run.
-PROCESS_DATES = ("previous_run", "run_day")
 MODE_ENV = "ANSWERSHEET_EXECUTION_MODE"
 ROADS_FILE_ENV = "ANSWERSHEET_ROADS_FILE"
-
-SCHEDULE_DEFAULTS: dict[str, Any] = {
-    "timezone": "Asia/Seoul",
-    "cron": "0 9 * * 1-5",          # weekdays 09:00 local time; null = manual/backfill only
-    "process_date": "previous_run",  # previous_run: Tue 09:00 processes Monday | run_day: processes Tuesday
-    "start_date": None,             # required, YYYY-MM-DD in `timezone`
-    "catchup": False,
-    "max_active_runs": 1,
-    "retries": 2,
-    "retry_delay_minutes": 5,       # doubled after each try (exponential backoff) ...
-    "max_retry_delay_minutes": 60,  # ... up to this
-}
+RoadConfigError = RoadsFileError
 
 # The `kubernetes:` section: built-in defaults, overridden by the roads file's defaults and the road.
 # Keep in sync with helm/ (the names of the ServiceAccount, Secret and ConfigMap it creates).
@@ -92,17 +71,13 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 REPOSITORY_RE = re.compile(r"^[a-z0-9]+([._:/-][a-z0-9]+)*$")
 
 
-class RoadConfigError(ValueError):
-    """A problem in the roads file; the message names the file or the road and the key."""
-
-
 @dataclass(frozen=True)
 class Schedule:
     """When a road's DAG runs."""
 
     timezone: str
     cron: str | None
-    process_date: str  # one of PROCESS_DATES
+    process_date: str  # previous_run | run_day (factory.timetable_for)
     start_date: dt.date
     catchup: bool
     max_active_runs: int
@@ -127,48 +102,9 @@ class RoadSpec:
         return f"answersheet_{self.id}"
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """base updated by over, recursing into mappings (lists are replaced), as answersheet.config does."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def roads_file_path(dags_dir: Path) -> Path:
     """$ANSWERSHEET_ROADS_FILE, else roads.yaml next to the DAG file."""
     return Path(os.environ.get(ROADS_FILE_ENV) or Path(dags_dir) / "roads.yaml")
-
-
-def read_roads(path: Path) -> list[dict]:
-    """Each road's raw mapping with `defaults` merged in; whole-file problems raise RoadConfigError."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RoadConfigError(f"{path}: roads file not found (set {ROADS_FILE_ENV})") from None
-    except yaml.YAMLError as exc:
-        raise RoadConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("roads"), list):
-        raise RoadConfigError(f"{path}: expected a mapping with a 'roads' list")
-    unknown = set(doc) - {"defaults", "roads"}
-    if unknown:
-        raise RoadConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)} (allowed: defaults, roads)")
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise RoadConfigError(f"{path}: 'defaults' must be a mapping")
-    roads = []
-    for i, road in enumerate(doc["roads"]):
-        if not isinstance(road, dict):
-            raise RoadConfigError(f"{path}: roads[{i}] must be a mapping")
-        roads.append(deep_merge(defaults, road))
-    return roads
-
-
-def _fail(road: str, key: str, problem: str) -> RoadConfigError:
-    return RoadConfigError(f"road {road!r}: key {key!r}: {problem}")
 
 
 def _mapping(road: str, key: str, value: Any, allowed: tuple[str, ...] | None = None) -> dict:
@@ -185,13 +121,6 @@ def _int(road: str, key: str, value: Any, low: int, high: int | None = None) -> 
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise _fail(road, key, f"must be an integer {bounds}, got {value!r}")
     return value
-
-
-def _positive(road: str, key: str, value: Any) -> float:
-    # .nan passes `value <= 0` and .inf has no upper bound: both are refused (finite numbers only)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _fail(road, key, f"must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _bool(road: str, key: str, value: Any) -> bool:
@@ -215,41 +144,16 @@ def _quantity(road: str, key: str, value: Any) -> str:
     return text
 
 
-def validate_schedule(road: str, raw: Any) -> Schedule:
-    """The `schedule` section (the cron expression itself is checked by Airflow's timetable in the factory)."""
-    raw = _mapping(road, "schedule", raw if raw is not None else {}, tuple(SCHEDULE_DEFAULTS))
-    s = {**SCHEDULE_DEFAULTS, **raw}
-    tz = s["timezone"]
-    try:
-        if not isinstance(tz, str):
-            raise ValueError
-        zoneinfo.ZoneInfo(tz)
-    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-        raise _fail(road, "schedule.timezone", f"not an IANA time zone such as Asia/Seoul: {tz!r}") from None
-    cron = s["cron"]
-    if cron is not None and (not isinstance(cron, str) or not cron.strip()):
-        raise _fail(road, "schedule.cron", f"must be a cron expression such as '0 9 * * 1-5' or null, got {cron!r}")
-    process_date = s["process_date"]
-    if process_date not in PROCESS_DATES:
-        raise _fail(road, "schedule.process_date", f"must be one of {PROCESS_DATES}, got {process_date!r}")
-    start = s["start_date"]
-    if isinstance(start, str):
-        try:
-            start = dt.date.fromisoformat(start)
-        except ValueError:
-            start = None
-    if isinstance(start, dt.datetime) or not isinstance(start, dt.date):
-        raise _fail(road, "schedule.start_date", f"required, a date YYYY-MM-DD, got {s['start_date']!r}")
+def validate_schedule(raw: dict) -> Schedule:
+    """The schema-checked `schedule` section with the schema's defaults (the cron expression itself is checked
+    by Airflow's timetable in the factory)."""
+    s = {**schema_defaults("schedule"), **raw}
     return Schedule(
-        timezone=tz,
-        cron=cron.strip() if cron else None,
-        process_date=process_date,
-        start_date=start,
-        catchup=_bool(road, "schedule.catchup", s["catchup"]),
-        max_active_runs=_int(road, "schedule.max_active_runs", s["max_active_runs"], 1, 64),
-        retries=_int(road, "schedule.retries", s["retries"], 0, 20),
-        retry_delay_minutes=_positive(road, "schedule.retry_delay_minutes", s["retry_delay_minutes"]),
-        max_retry_delay_minutes=_positive(road, "schedule.max_retry_delay_minutes", s["max_retry_delay_minutes"]),
+        timezone=s["timezone"], cron=s["cron"].strip() if s["cron"] else None, process_date=s["process_date"],
+        start_date=dt.date.fromisoformat(s["start_date"]), catchup=s["catchup"],
+        max_active_runs=s["max_active_runs"], retries=s["retries"],
+        retry_delay_minutes=float(s["retry_delay_minutes"]),
+        max_retry_delay_minutes=float(s["max_retry_delay_minutes"]),
     )
 
 
@@ -358,23 +262,11 @@ def validate_kubernetes(road: str, raw: Any, mode_env: str | None = None) -> dic
 
 def validate_road(raw: dict, mode_env: str | None = None) -> RoadSpec:
     """One merged road mapping -> RoadSpec, or RoadConfigError naming the road and the key."""
-    road = raw.get("id")
-    if not isinstance(road, str) or not ROAD_ID_RE.match(road):
-        raise RoadConfigError(f"road {road!r}: key 'id': must match {ROAD_ID_RE.pattern}")
-    for key in raw:
-        if key not in ROAD_KEYS:
-            raise _fail(road, key, f"unknown key (allowed: {', '.join(ROAD_KEYS)})")
-    name = raw.get("name", road)
-    if not isinstance(name, str) or not name:
-        raise _fail(road, "name", "must be a non-empty string")
-    bucket = raw.get("bucket", "answersheet")
-    if not isinstance(bucket, str) or not bucket:
-        raise _fail(road, "bucket", "must be a bucket name")
-    detect = _mapping(road, "detect", raw.get("detect") or {})
-    shards = _int(road, "detect.shards", detect.get("shards", 1), 1, 256)
+    check_road(raw)
+    road = raw["id"]
     return RoadSpec(
-        id=road, name=name, bucket=bucket, shards=shards,
-        schedule=validate_schedule(road, raw.get("schedule")),
+        id=road, name=raw.get("name", road), bucket=raw.get("bucket", "answersheet"),
+        shards=raw["detect"].get("shards", 1), schedule=validate_schedule(raw["schedule"]),
         kubernetes=validate_kubernetes(road, raw.get("kubernetes"), mode_env),
     )
 
