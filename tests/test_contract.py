@@ -4,6 +4,7 @@ parses with the CLI's own parser (no drift between DAG and images)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,8 @@ from test_dags import (  # first: AIRFLOW_HOME
     settings,
     write_roads,
 )
-from test_pods import base, rendered_pods
+from test_helm import helm  # noqa: F401 - fixture
+from test_pods import base, pod_templates, rendered_pods, with_templates  # noqa: F401 - fixtures
 
 import answersheet
 from answersheet import roadsfile
@@ -47,11 +49,19 @@ def test_schema_is_valid_draft_2020_12():
 
 
 def test_the_wheel_ships_the_schema_and_reader_as_files(tmp_path):
-    """The images install the wheel: it must hold the symlinks' targets as plain files, byte for byte."""
+    """The images build the wheel from what .dockerignore and their COPY lines give them (src/ with its two
+    symlinks, and their targets under dags/answersheet_dagkit/): the wheel must hold the targets' bytes."""
+    context = tmp_path / "context"
+    shutil.copytree(REPO / "src", context / "src", symlinks=True, ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "dags/answersheet_dagkit/roadsfile.py",
+                 "dags/answersheet_dagkit/roads.schema.json"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / name, context / name)
+    assert (context / "src/answersheet/roadsfile.py").is_symlink()
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (wheel,) = tmp_path.glob("answersheet-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("answersheet-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         for name in ("roads.schema.json", "roadsfile.py"):
             assert zf.read(f"answersheet/{name}") == (REPO / "dags/answersheet_dagkit" / name).read_bytes()
@@ -94,11 +104,20 @@ def test_a_bad_bucket_is_a_dag_import_error_not_a_pod_failure(tmp_path):
     assert "road 'bad': key 'bucket': not a valid S3 bucket name, got 's3://answersheet'" in error
 
 
-def test_default_image_tags_are_the_package_version():
+def test_default_image_tags_are_the_package_version(pod_templates):  # noqa: F811
+    """The chart's stage images default to its appVersion, which is the package's version."""
+    chart = yaml.safe_load((REPO / "helm/answersheet/Chart.yaml").read_text(encoding="utf-8"))
+    assert chart["appVersion"] == answersheet.__version__
+    images = {base(yaml.safe_load(p.read_text()))["image"] for p in pod_templates.glob("*.yaml")}
+    assert {i.rsplit(":", 1)[1] for i in images} == {answersheet.__version__}
+
+
+def test_the_shipped_roads_file_names_only_profiles_the_chart_has(pod_templates):  # noqa: F811
     shipped = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))["defaults"]["kubernetes"]
-    for images in (settings.KUBERNETES_DEFAULTS["images"], shipped["images"]):
-        assert {img["tag"] for img in images.values()} == {answersheet.__version__}
-    assert shipped == settings.KUBERNETES_DEFAULTS  # the file documents every default
+    default = roadsfile.ROAD_SCHEMA["properties"]["kubernetes"]["properties"]["pod_profile"]["default"]
+    assert shipped["pod_profile"] == default
+    for kind, profile in default.items():
+        assert (pod_templates / f"{kind}-{profile}.yaml").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +127,7 @@ def roads(tmp_path_factory):
         {"id": "quiet", "kubernetes": {"push_summary": False}}])
 
 
-def test_every_pod_command_parses_with_the_cli(roads):
+def test_every_pod_command_parses_with_the_cli(roads, with_templates):  # noqa: F811
     parser = build_parser()
     bag = parse(roads)
     seen = set()
@@ -119,8 +138,9 @@ def test_every_pod_command_parses_with_the_cli(roads):
             assert container["command"] == ["answersheet"]
             args = parser.parse_args(container["args"])
             assert (args.command, args.road, args.date) == (task_id, road.id, "2026-11-02")
-            env = {e["name"]: e["value"] for e in container["env"]}
-            assert args.config == env["ANSWERSHEET_CONFIG"] == commands.POD_CONFIG_PATH  # the ConfigMap mount
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert args.config == commands.POD_CONFIG_PATH  # the chart's roads ConfigMap mount
+            assert commands.POD_CONFIG_PATH.rsplit("/", 1)[0] in mounts
             pushed = road.kubernetes.get("push_summary", True)
             assert args.summary_json == (commands.POD_SUMMARY_PATH if pushed else None)
             if task_id == "detect":
