@@ -64,7 +64,7 @@ def roads_file(path: Path, n: int) -> Path:
         if i % 3 == 2:
             road["detect"] = {"shards": 4}
         if i % 5 == 4:
-            road["kubernetes"] = {"gpu": {"resource": "nvidia.com/mig-1g.10gb", "runtime_class": "nvidia"}}
+            road["kubernetes"] = {"pod_profile": {"detector": "mig-1g"}}
         roads.append(road)
     doc["roads"] = roads
     path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -158,18 +158,24 @@ def test_item6_invalid_yaml_is_one_line_with_the_line_number(tmp_path):
     assert msg.startswith(f"{path}: line ") and "not valid YAML" in msg and "\n" not in msg
 
 
-def test_item6_dag_settings_refuse_non_finite_numbers():
-    """The DAG side's own reader (dags/answersheet_dagkit/settings.py) has the same finite check."""
+def test_item6_dag_settings_refuse_non_finite_numbers(tmp_path):
+    """The DAG side (dags/answersheet_dagkit/settings.py) reads the same schema: the same finite check."""
     import sys
 
     sys.path.insert(0, str(ROADS_FILE.parent))
-    from answersheet_dagkit.settings import RoadConfigError, validate_schedule
+    from answersheet_dagkit.settings import load_roads
 
-    schedule = {"start_date": "2026-11-02"}
-    for value in (float("nan"), float("inf")):
-        with pytest.raises(RoadConfigError, match="'schedule.retry_delay_minutes': must be a finite number"):
-            validate_schedule("r", {**schedule, "retry_delay_minutes": value})
-    assert validate_schedule("r", {**schedule, "retry_delay_minutes": 2.5}).retry_delay_minutes == 2.5
+    raw = read_roads_file(ROADS_FILE)[0]
+    for value, ok in ((float("nan"), False), (float("inf"), False), (2.5, True)):
+        path = tmp_path / "roads.yaml"
+        path.write_text(yaml.safe_dump({"roads": [{**raw, "schedule": {**raw["schedule"],
+                                                                       "retry_delay_minutes": value}}]}))
+        specs, errors = load_roads(path)
+        if ok:
+            assert errors == [] and specs[0].schedule.retry_delay_minutes == 2.5
+        else:
+            assert errors == [f"road 'daewang_pangyo': key 'schedule.retry_delay_minutes': must be a finite number "
+                              f"> 0, got {value!r}"]
 
 
 # -- issue 8, output hygiene: each stage's digest covers only what changes its own output --------------------

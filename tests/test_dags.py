@@ -211,13 +211,16 @@ BAD_ROADS = [
     ({"colour": "red"}, "colour", "unknown key"),
     ({"schedule": {"cron": "0 25 * * 1-5"}}, "schedule.cron", "invalid cron"),
     ({"schedule": {"cron": "every morning"}}, "schedule.cron", "invalid cron"),
-    ({"kubernetes": {"gpu": {"count": 0}}}, "kubernetes.gpu.count", "must be an integer in [1, 16], got 0"),
+    ({"kubernetes": {"startup_timeout_seconds": 0}}, "kubernetes.startup_timeout_seconds", "must be in [1, 86400]"),
     ({"kubernetes": {"gpus": 1}}, "kubernetes.gpus", "unknown key"),
     ({"schedule": {"timezone": "Asia/Seol"}}, "schedule.timezone", "not an IANA time zone"),
-    ({"detect": {"shards": 0}}, "detect.shards", "must be an integer in [1, 256]"),
-    ({"kubernetes": {"images": {"detector": {"tag": 1.0}}}}, "kubernetes.images.detector.tag", "quote numbers"),
-    ({"kubernetes": {"resources": {"detector": {"limits": {"memory": "32 GB"}}}}},
-     "kubernetes.resources.detector.limits.memory", "Kubernetes quantity"),
+    ({"detect": {"shards": 0}}, "detect.shards", "must be in [1, 256], got 0"),
+    # the stage keys too (one schema, roads.schema.json): a bad bucket fails at parse, not later in a pod
+    ({"bucket": "Answer_Sheet"}, "bucket", "not a valid S3 bucket name"),
+    ({"detect": {"conf_thres": float("nan")}}, "detect.conf_thres", "must be a finite number in [0, 1], got nan"),
+    ({"kubernetes": {"pod_profile": {"detector": "A100"}}}, "kubernetes.pod_profile.detector", "must name a pod"),
+    # the pods' cluster shape is the Helm chart's (stagePods), no longer a roads-file key
+    ({"kubernetes": {"gpu": {"count": 2}}}, "kubernetes.gpu", "unknown key (allowed: mode, pod_profile"),
 ]
 
 
@@ -233,7 +236,7 @@ def test_bad_road_is_an_import_error_naming_road_and_key_and_the_others_load(tmp
 
 def test_every_bad_road_is_reported(tmp_path):
     roads = write_roads(tmp_path / "roads.yaml", [
-        {"id": "twice"}, {"id": "twice"}, {"id": "Bad-Id"}, {"id": "no_gpu", "kubernetes": {"gpu": {"count": 0}}},
+        {"id": "twice"}, {"id": "twice"}, {"id": "Bad-Id"}, {"id": "no_gpu", "kubernetes": {"deferrable": "yes"}},
         {"id": "fine"}])
     bag = parse(roads)
     assert list(road_dags(bag)) == ["answersheet_fine"]
@@ -241,7 +244,7 @@ def test_every_bad_road_is_reported(tmp_path):
     assert "3 road(s) not loaded" in error
     assert "road 'twice': key 'id': defined 2 times" in error
     assert "road 'Bad-Id': key 'id'" in error
-    assert "road 'no_gpu': key 'kubernetes.gpu.count'" in error
+    assert "road 'no_gpu': key 'kubernetes.deferrable'" in error
 
 
 def test_bad_execution_mode_env_is_named(three_roads):

@@ -164,7 +164,7 @@ def test_helm_lint_strict(helm):
 def test_resources_per_variant(rendered):
     """The objects each variant is meant to produce (listed in the README)."""
     kinds = {v: sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs_of(rendered, v)) for v in VARIANTS}
-    core = {"ConfigMap/answersheet-roads", "ServiceAccount/answersheet-pipeline",
+    core = {"ConfigMap/answersheet-roads", "ConfigMap/answersheet-pod-templates", "ServiceAccount/answersheet-pipeline",
             "Secret/answersheet-airflow-connections", "Secret/answersheet-airflow-api"}
     minio = {"Secret/answersheet-minio", "Service/answersheet-minio", "StatefulSet/answersheet-minio",
              "ConfigMap/answersheet-minio-bucket-init", "Job/answersheet-minio-bucket-init"}
@@ -179,8 +179,9 @@ def test_resources_per_variant(rendered):
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "roadsYaml=roads: [oops"], "roadsYaml: not valid YAML"),
     (["--set", "roadsYaml=defaults: {}"], "roadsYaml: expected a mapping with a 'roads' list"),
-    (["--set", "kubernetes.gpu.count=0"], "/kubernetes/gpu/count"),
-    (["--set", "kubernetes.unknown_key=1"], "unknown_key"),
+    (["--set", "stagePods.profiles.detector.a100.gpu.count=0"], "/stagePods/profiles/detector/a100/gpu/count"),
+    (["--set", "stagePods.unknownKey=1"], "unknownKey"),
+    (["--set", "stagePods.profiles.detector.A100.resources.limits.cpu=1"], "/stagePods/profiles/detector"),
     (["--set", "minio.image.tag=latest"], "/minio/image/tag"),
     (["--set", "minio.enabled=false", "--set", "s3.accessKeyId=AKIAONLY"], "s3.secretAccessKey is empty"),
 ])
@@ -227,12 +228,45 @@ def test_every_pod_is_non_root_read_only_and_unprivileged(rendered, variant):
             assert container.get("resources", {}).get("limits"), f"{what}: no resource limits"
 
 
+def pod_templates(docs: list[dict]) -> dict[str, dict]:
+    """file name -> Pod of the rendered answersheet-pod-templates ConfigMap."""
+    (cm,) = find(docs, "ConfigMap", "answersheet-pod-templates")
+    return {name: yaml.safe_load(text) for name, text in cm["data"].items()}
+
+
 def test_digests_win_over_tags(rendered):
-    docs = docs_of(rendered, "gpu-mig")
-    roads = yaml.safe_load(find(docs, "ConfigMap", "answersheet-roads")[0]["data"]["roads.yaml"])
-    images = roads["defaults"]["kubernetes"]["images"]
-    assert images["detector"]["digest"] == "sha256:" + "2" * 64
-    assert images["detector"]["repository"] == "registry.example.com/answersheet/answersheet-detector"
+    templates = pod_templates(docs_of(rendered, "gpu-mig"))
+    image = templates["detector-mig-1g.yaml"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/answersheet/answersheet-detector@sha256:" + "2" * 64
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pod_templates_are_valid_locked_down_pods_of_this_release(rendered, variant):
+    """One template per stage kind and profile, each a strictly valid Pod whose container is `base` (the
+    KubernetesPodOperator's base container name) and whose names are objects of this release."""
+    docs = docs_of(rendered, variant)
+    templates = pod_templates(docs)
+    values = values_of(variant)["stagePods"]
+    assert sorted(templates) == sorted(f"{kind}-{name}.yaml" for kind in ("preprocess", "detector")
+                                       for name in values["profiles"][kind])
+    existing = values_of(variant)["s3"]["existingSecret"]
+    version = make_var("K8S_VERSION")
+    for name, pod in templates.items():
+        kubernetes_validate.validate(pod, version, strict=True)
+        spec = pod["spec"]
+        (container,) = spec["containers"]
+        assert container["name"] == "base" and pod["metadata"]["namespace"] == NAMESPACE, name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
+        assert "env" not in container  # S3 settings only through the Secret
+        (secret,) = [e["secretRef"]["name"] for e in container["envFrom"]]
+        assert secret == existing if existing else find(docs, "Secret", secret), name
+        assert find(docs, "ServiceAccount", spec["serviceAccountName"]), name
+        roads = [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v]
+        assert roads == ["answersheet-roads"] and find(docs, "ConfigMap", "answersheet-roads"), name
+        gpu = [k for k in container["resources"]["limits"] if k.startswith("nvidia.com/")]
+        assert bool(gpu) == name.startswith("detector-"), name
 
 
 # --- RBAC -------------------------------------------------------------------------------------------
@@ -372,96 +406,31 @@ def test_network_policies(rendered):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_deployed_roads_file_is_valid_for_the_stages_and_the_dags(rendered, variant, tmp_path, monkeypatch):
+def test_deployed_roads_file_is_the_source_and_valid_for_the_stages_and_the_dags(rendered, variant, tmp_path,
+                                                                                monkeypatch):
+    """The chart deploys the roads file byte for byte (it no longer rewrites `defaults.kubernetes`); both
+    sides load every road, and every pod profile a road names is a template of this release."""
     from answersheet.config import load_road, read_roads_file
 
     docs = docs_of(rendered, variant)
     path = deployed_roads(docs, tmp_path)
+    source = ROADS_FILE if variant != "bare" else None
+    if source:
+        assert path.read_bytes() == source.read_bytes()
     roads = read_roads_file(path)
     for raw in roads:
         load_road(path, raw["id"])
-    source = ROADS_FILE if variant != "bare" else None
-    if source:  # same stage settings as the repository's file after the chart's YAML round trip
-        assert [r["id"] for r in roads] == [r["id"] for r in read_roads_file(source)]
-        for raw in roads:
-            assert load_road(path, raw["id"]).digest() == load_road(source, raw["id"]).digest()
-            assert load_road(path, raw["id"]).name == load_road(source, raw["id"]).name
-
+    templates = tmp_path / "pod-templates"
+    templates.mkdir()
+    for name, pod in pod_templates(docs).items():
+        (templates / name).write_text(yaml.safe_dump(pod), encoding="utf-8")
     monkeypatch.syspath_prepend(str(REPO / "dags"))
     monkeypatch.delenv("ANSWERSHEET_EXECUTION_MODE", raising=False)
-    from answersheet_dagkit.settings import load_roads
+    monkeypatch.setenv("ANSWERSHEET_POD_TEMPLATES", str(templates))
+    from answersheet_dagkit.settings import load_roads, pod_template_path
 
     specs, errors = load_roads(path)
     assert errors == [] and len(specs) == len(roads)
-    values = values_of(variant)
-    existing = values["s3"]["existingSecret"]
     for spec in specs:
-        kube = spec.kubernetes
-        # every name the pods reference is an object of this release (or the given existing Secret)
-        assert kube["namespace"] == NAMESPACE
-        assert find(docs, "ServiceAccount", kube["service_account"])
-        assert find(docs, "ConfigMap", kube["roads_config_map"])
-        assert kube["s3_secret"] == existing if existing else find(docs, "Secret", kube["s3_secret"])
-        expected = values["kubernetes"]
-        assert kube["gpu"] == {**expected["gpu"]}
-        assert kube["resources"] == expected["resources"]
-        assert kube["deferrable"] == expected["deferrable"]
-        assert kube["image_pull_secrets"] == expected["image_pull_secrets"]
-        for role in ("preprocess", "detector"):
-            want = dict(expected["images"][role])
-            want["tag"] = want["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-            assert kube["images"][role] == want
-
-
-def test_mig_variant_reaches_the_detect_pod(rendered, tmp_path, monkeypatch):
-    """GPU/MIG values end up in the detect pod the DAG builds (resource limit, runtime class, affinity)."""
-    path = deployed_roads(docs_of(rendered, "gpu-mig"), tmp_path)
-    monkeypatch.syspath_prepend(str(REPO / "dags"))
-    from answersheet_dagkit.pods import pod_operator_kwargs
-    from answersheet_dagkit.settings import load_roads
-
-    (spec,), _ = load_roads(path)
-    kwargs = pod_operator_kwargs(spec.kubernetes, "detect")
-    assert kwargs["container_resources"].limits["nvidia.com/mig-1g.10gb"] == "1"
-    assert kwargs["runtime_class_name"] == "nvidia"
-    assert kwargs["image"] == "registry.example.com/answersheet/answersheet-detector@sha256:" + "2" * 64
-    terms = kwargs["affinity"].node_affinity.required_during_scheduling_ignored_during_execution.node_selector_terms
-    assert terms[0].match_expressions[0].values == ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"]
-    assert {t.key for t in kwargs["tolerations"]} == {"nvidia.com/gpu", "dedicated"}
-
-
-def test_chart_kubernetes_values_cover_the_dag_schema(monkeypatch):
-    """Every key of the DAGs' `kubernetes:` section is a chart value, except the names the chart sets."""
-    monkeypatch.syspath_prepend(str(REPO / "dags"))
-    from answersheet_dagkit.settings import KUBERNETES_DEFAULTS
-
-    chart = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["kubernetes"]
-    chart_set = {"namespace", "service_account", "s3_secret", "roads_config_map"}
-    assert set(chart) == set(KUBERNETES_DEFAULTS) - chart_set
-    for key in ("gpu", "resources"):
-        assert chart[key] == KUBERNETES_DEFAULTS[key]
-    names = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
-    assert names["pipeline"]["serviceAccount"]["name"] == KUBERNETES_DEFAULTS["service_account"]
-    assert names["s3"]["secretName"] == KUBERNETES_DEFAULTS["s3_secret"]
-    assert names["roadsConfigMap"]["name"] == KUBERNETES_DEFAULTS["roads_config_map"]
-
-
-def test_chart_settings_override_the_roads_file_defaults_but_not_a_road(helm, tmp_path):
-    """Chart `kubernetes` values replace the file's defaults.kubernetes keys; a road's own keys still win."""
-    roads = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))
-    roads["defaults"].setdefault("kubernetes", {})["scratch_size"] = "1Gi"
-    roads["defaults"]["kubernetes"]["not_a_chart_key"] = "kept"
-    roads["roads"][0]["kubernetes"] = {"scratch_size": "7Gi"}
-    roads["roads"].append({"id": "second_road", "name": "Second"})
-    source = tmp_path / "roads.yaml"
-    source.write_text(yaml.safe_dump(roads, allow_unicode=True), encoding="utf-8")
-    proc = subprocess.run([str(helm), "template", "x", str(CHART), "-n", NAMESPACE, "--set-file",
-                           f"roadsYaml={source}", "--set", "kubernetes.scratch_size=20Gi",
-                           "--show-only", "templates/configmap-roads.yaml"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    deployed = yaml.safe_load(yaml.safe_load(proc.stdout)["data"]["roads.yaml"])
-    assert deployed["defaults"]["kubernetes"]["scratch_size"] == "20Gi"
-    assert deployed["defaults"]["kubernetes"]["not_a_chart_key"] == "kept"
-    assert deployed["roads"][0]["kubernetes"] == {"scratch_size": "7Gi"}
-    assert deployed["roads"][0]["name"] == "대왕판교"
+        for kind, profile in spec.kubernetes["pod_profile"].items():
+            assert pod_template_path(kind, profile).is_file()

@@ -182,6 +182,26 @@ def test_roads_file_and_pipeline_env_in_every_dag_component(render):
         assert env["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD"]["value"] == "65536"
 
 
+def test_stage_pod_templates_at_the_fixed_path_in_every_dag_component(render):
+    """The chart's pod templates where the DAGs look for them (settings.POD_TEMPLATES_DIR): the dag processor
+    checks each road's profiles at parse time, the worker pods and the triggerer build the stage pods."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "dags"))
+    try:
+        from answersheet_dagkit.settings import POD_TEMPLATES_DIR
+    finally:
+        sys.path.remove(str(REPO / "dags"))
+    name = CHART_VALUES["stagePods"]["podTemplatesConfigMap"]["name"]
+    for component, spec, container in dag_containers(render):
+        volumes = [v["name"] for v in spec["volumes"] if v.get("configMap", {}).get("name") == name]
+        assert len(volumes) == 1, component
+        mounts = [m for m in container["volumeMounts"] if m["name"] == volumes[0]]
+        assert mounts == [{"name": volumes[0], "mountPath": POD_TEMPLATES_DIR, "readOnly": True}], component
+    ours = {f"{d['kind']}/{d['metadata']['name']}" for d in render["ours"]}
+    assert f"ConfigMap/{name}" in ours
+
+
 def test_s3_connection_and_credentials_from_our_secrets(render):
     conn = CHART_VALUES["airflowConnection"]
     for name, _, container in dag_containers(render):

@@ -24,6 +24,7 @@ CHART_VALUES = REPO / "helm" / "answersheet" / "values.yaml"
 SHARED = Path(os.environ.get("ANSWERSHEET_SHARED", REPO.parent / "shared"))
 AIRFLOW_CHART = SHARED / "airflow-chart"
 ROADS_MOUNT = "/opt/airflow/answersheet"
+POD_TEMPLATES_MOUNT = "/opt/airflow/answersheet-pod-templates"
 # The components that parse or run the DAGs, where the roads ConfigMap must be mounted.
 DAG_COMPONENTS = (("scheduler",), ("dagProcessor",), ("triggerer",), ("workers", "kubernetes"))
 
@@ -146,8 +147,16 @@ def test_pipeline_environment_and_xcom_backend(overlay):
     assert logging["remote_base_log_folder"].startswith("s3://answersheet/")
 
 
-def test_roads_config_map_is_mounted_where_dags_are_parsed_or_run(overlay, chart):
-    name = chart["roadsConfigMap"]["name"]
+@pytest.mark.parametrize(("config_map", "mount"), [
+    (("roadsConfigMap", "name"), ROADS_MOUNT),
+    (("stagePods", "podTemplatesConfigMap", "name"), POD_TEMPLATES_MOUNT),  # settings.POD_TEMPLATES_DIR
+])
+def test_config_maps_are_mounted_where_dags_are_parsed_or_run(overlay, chart, config_map, mount):
+    """The roads file and the chart's stage pod templates, read-only, in every component that parses or runs
+    the DAGs (the pod templates' path is the DAGs' fixed default: tests/test_helm_airflow.py checks)."""
+    name = chart
+    for key in config_map:
+        name = name[key]
     for path in DAG_COMPONENTS:
         section = overlay
         for key in path:
@@ -155,7 +164,7 @@ def test_roads_config_map_is_mounted_where_dags_are_parsed_or_run(overlay, chart
         volumes = [v for v in section["extraVolumes"] if v.get("configMap", {}).get("name") == name]
         assert len(volumes) == 1, path
         mounts = [m for m in section["extraVolumeMounts"] if m["name"] == volumes[0]["name"]]
-        assert mounts == [{"name": volumes[0]["name"], "mountPath": ROADS_MOUNT, "readOnly": True}], path
+        assert mounts == [{"name": volumes[0]["name"], "mountPath": mount, "readOnly": True}], path
 
 
 def test_s3_connection_and_credentials_come_from_our_secrets(overlay, chart):

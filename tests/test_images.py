@@ -122,12 +122,9 @@ def test_final_stage_runs_answersheet_as_non_root(image):
     assert "--uid 10001" in run and "install -d -o 10001 -g 10001" in run
 
 
-def test_user_matches_the_pods_run_as_user(monkeypatch):
+def test_user_matches_the_pods_run_as_user():
     chart = yaml.safe_load((REPO / "helm/answersheet/values.yaml").read_text(encoding="utf-8"))
-    monkeypatch.syspath_prepend(str(REPO / "dags"))
-    from answersheet_dagkit.settings import KUBERNETES_DEFAULTS
-
-    assert chart["kubernetes"]["run_as_user"] == KUBERNETES_DEFAULTS["run_as_user"] == 10001
+    assert chart["stagePods"]["runAsUser"] == 10001  # the pod templates' runAsUser (helm/answersheet)
 
 
 @pytest.mark.parametrize("image", IMAGES)

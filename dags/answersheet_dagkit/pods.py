@@ -1,4 +1,10 @@
-"""KubernetesPodOperator arguments for a stage pod: image, resources, security, volumes, GPU scheduling."""
+"""KubernetesPodOperator arguments for a stage pod: the chart's pod template plus the task's own settings.
+
+The pod's cluster shape (image, resources, GPU scheduling, security contexts, volumes, ServiceAccount, the S3
+Secret) is the Helm chart's pod template `<kind>-<profile>.yaml` (helm/answersheet `stagePods`), merged by
+the operator under what the task adds: command line, labels, name (PodGenerator.reconcile_pods; the
+template's container is `base`, the operator's base container name).
+"""
 
 from __future__ import annotations
 
@@ -10,25 +16,11 @@ from kubernetes.client import Configuration
 from kubernetes.client import models as k8s
 from kubernetes.config import ConfigException
 
-from answersheet_dagkit.commands import LOG_TIMESTAMPS_ENV, POD_CONFIG_PATH
+from answersheet_dagkit.commands import LOG_TIMESTAMPS_ENV
 from answersheet_dagkit.lineage import record_answer_sheet
+from answersheet_dagkit.settings import pod_template_path
 
-SCRATCH = "/scratch"
-CONFIG_DIR = POD_CONFIG_PATH.rsplit("/", 1)[0]
-CONFIG_KEY = POD_CONFIG_PATH.rsplit("/", 1)[1]
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery
 LABEL_PREFIX = "answersheet.io"
-# A read-only root filesystem: everything that caches or writes config goes to the scratch emptyDir.
-SCRATCH_ENV = {
-    "TMPDIR": SCRATCH,
-    "HOME": SCRATCH,
-    "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
-    "XDG_CONFIG_HOME": f"{SCRATCH}/.config",
-    "YOLOV5_CONFIG_DIR": f"{SCRATCH}/.config/Ultralytics",
-    "MPLCONFIGDIR": f"{SCRATCH}/.config/matplotlib",
-    "ANSWERSHEET_CONFIG": POD_CONFIG_PATH,
-    LOG_TIMESTAMPS_ENV: "0",  # the task log (KubernetesPodOperator get_logs) timestamps each line
-}
 NO_CLUSTER = ("answersheet: error: no Kubernetes cluster configured for the stage pods ({reason}); to run the "
               "stages as local subprocesses instead, set ANSWERSHEET_EXECUTION_MODE=local")
 
@@ -40,13 +32,6 @@ _K8S_CONFIG = Configuration()
 def _obj(model, **fields):
     """A kubernetes.client model object that shares _K8S_CONFIG."""
     return model(local_vars_configuration=_K8S_CONFIG, **fields)
-
-
-def image_ref(image: dict[str, str]) -> str:
-    """repository@digest when a digest is pinned, else repository:tag."""
-    if image["digest"]:
-        return f"{image['repository']}@{image['digest']}"
-    return f"{image['repository']}:{image['tag']}"
 
 
 def pod_labels(road: str, stage: str, date: str, shard: int | None = None) -> dict[str, str]:
@@ -63,7 +48,9 @@ def pod_labels(road: str, stage: str, date: str, shard: int | None = None) -> di
     return labels
 
 
-def _container_security_context() -> k8s.V1SecurityContext:
+def _sidecar_security_context() -> k8s.V1SecurityContext:
+    """The XCom sidecar's container securityContext: the operator adds the sidecar after merging the template,
+    so the template cannot lock it down (the pod-level context, non-root, comes from the template)."""
     return _obj(
         k8s.V1SecurityContext,
         allow_privilege_escalation=False,
@@ -74,72 +61,16 @@ def _container_security_context() -> k8s.V1SecurityContext:
     )
 
 
-def _pod_security_context(uid: int) -> k8s.V1PodSecurityContext:
-    return _obj(
-        k8s.V1PodSecurityContext,
-        run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
-        seccomp_profile=_obj(k8s.V1SeccompProfile, type="RuntimeDefault"),
-    )
-
-
-def _gpu_scheduling(gpu: dict[str, Any]) -> dict[str, Any]:
-    """Node affinity on the GPU product label, tolerations and runtime class for the detector pod."""
-    out: dict[str, Any] = {
-        "tolerations": [
-            _obj(k8s.V1Toleration, key=t.get("key"), operator=t.get("operator"), value=t.get("value"),
-                 effect=t.get("effect") or None, toleration_seconds=t.get("toleration_seconds"))
-            for t in gpu["tolerations"]
-        ],
-        "runtime_class_name": gpu["runtime_class"] or None,
-    }
-    if gpu["products"]:
-        product_in = _obj(k8s.V1NodeSelectorRequirement, key=GPU_PRODUCT_LABEL, operator="In",
-                          values=list(gpu["products"]))
-        required = _obj(k8s.V1NodeSelector,
-                        node_selector_terms=[_obj(k8s.V1NodeSelectorTerm, match_expressions=[product_in])])
-        out["affinity"] = _obj(k8s.V1Affinity, node_affinity=_obj(
-            k8s.V1NodeAffinity, required_during_scheduling_ignored_during_execution=required))
-    return out
-
-
-def _volumes(kube: dict[str, Any]) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
-    """The scratch emptyDir (TMPDIR; the root filesystem is read-only) and the roads ConfigMap, read-only."""
-    scratch = _obj(k8s.V1EmptyDirVolumeSource, size_limit=kube["scratch_size"])
-    roads = _obj(k8s.V1ConfigMapVolumeSource, name=kube["roads_config_map"],
-                 items=[_obj(k8s.V1KeyToPath, key=CONFIG_KEY, path=CONFIG_KEY)])
-    volumes = [_obj(k8s.V1Volume, name="scratch", empty_dir=scratch),
-               _obj(k8s.V1Volume, name="roads", config_map=roads)]
-    mounts = [_obj(k8s.V1VolumeMount, name="scratch", mount_path=SCRATCH),
-              _obj(k8s.V1VolumeMount, name="roads", mount_path=CONFIG_DIR, read_only=True)]
-    return volumes, mounts
-
-
 def pod_operator_kwargs(kube: dict[str, Any], stage: str) -> dict[str, Any]:
     """Everything but the task id, arguments and labels, for one stage's KubernetesPodOperator."""
-    role = "detector" if stage == "detect" else "preprocess"
-    image = kube["images"][role]
-    requests = dict(kube["resources"][role]["requests"])
-    limits = dict(kube["resources"][role]["limits"])
-    if role == "detector":
-        limits[kube["gpu"]["resource"]] = str(kube["gpu"]["count"])
-    volumes, mounts = _volumes(kube)
-    secret = _obj(k8s.V1SecretEnvSource, name=kube["s3_secret"])
-    kwargs: dict[str, Any] = {
-        "namespace": kube["namespace"],
+    kind = "detector" if stage == "detect" else "preprocess"
+    return {
         "name": f"answersheet-{stage}",
-        "image": image_ref(image),
-        "image_pull_policy": image["pull_policy"],
-        "image_pull_secrets": [_obj(k8s.V1LocalObjectReference, name=n) for n in kube["image_pull_secrets"]],
-        "service_account_name": kube["service_account"],
-        "automount_service_account_token": False,
-        "container_resources": _obj(k8s.V1ResourceRequirements, requests=requests or None, limits=limits or None),
-        "env_vars": [_obj(k8s.V1EnvVar, name=k, value=v) for k, v in SCRATCH_ENV.items()],
-        "env_from": [_obj(k8s.V1EnvFromSource, secret_ref=secret)],  # S3 credentials: never literal values
-        "security_context": _pod_security_context(kube["run_as_user"]),
-        "container_security_context": _container_security_context(),
-        "xcom_sidecar_container_security_context": _container_security_context(),
-        "volumes": volumes,
-        "volume_mounts": mounts,
+        "pod_template_file": str(pod_template_path(kind, kube["pod_profile"][kind])),
+        "base_container_name": "base",  # the template's container
+        # the task log (KubernetesPodOperator get_logs) timestamps each line already
+        "env_vars": [_obj(k8s.V1EnvVar, name=LOG_TIMESTAMPS_ENV, value="0")],
+        "xcom_sidecar_container_security_context": _sidecar_security_context(),
         "on_finish_action": "delete_succeeded_pod",  # failed pods stay for `kubectl logs/describe`
         "startup_timeout_seconds": kube["startup_timeout_seconds"],
         "schedule_timeout_seconds": kube["schedule_timeout_seconds"],
@@ -148,9 +79,6 @@ def pod_operator_kwargs(kube: dict[str, Any], stage: str) -> dict[str, Any]:
         "deferrable": kube["deferrable"],
         "do_xcom_push": kube["push_summary"],
     }
-    if role == "detector":
-        kwargs.update(_gpu_scheduling(kube["gpu"]))
-    return kwargs
 
 
 class AnswersheetPodOperator(KubernetesPodOperator):

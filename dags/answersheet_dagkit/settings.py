@@ -1,99 +1,36 @@
-"""Read the roads file and validate the keys the DAG side uses: `id`, `schedule`, `kubernetes`, `detect.shards`.
+"""The DAG side of the roads file: each road checked against roads.schema.json (roadsfile, shared with the stage
+CLI) and turned into what the DAG factory needs (`id`, `schedule`, `kubernetes`, `detect.shards`).
 
-Stdlib + yaml only (no Airflow): a road's problem is a RoadConfigError naming the road and the key, in
-the same words as `answersheet.config`. Stage keys (cameras, classes, detect.* ...) are validated by the
-stage CLI when it runs; here only their presence as known top-level keys is checked.
+Stdlib + yaml + jsonschema only (no Airflow, no `answersheet`): a road's problem is a RoadConfigError naming
+the road and the key, in the same words as the stage CLI (the same code builds them). Checks only the DAG side
+needs (the execution mode, the pod templates, the cron expression in the factory) live here.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import math
 import os
-import re
-import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-# Every key a road may have; the same tuple as answersheet.config.ROAD_KEYS (tests/test_contract.py).
-ROAD_KEYS = (
-    "id", "name", "bucket", "cameras", "classes", "short_set_policy",
-    "ingest", "detect", "schedule", "kubernetes", "unlabelled_labels", "sheet",
+from answersheet_dagkit.roadsfile import (
+    ROAD_SCHEMA,
+    RoadsFileError,
+    check_road,
+    deep_merge,
+    read_roads,
+    schema_defaults,
 )
-ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
-MODES = ("kubernetes", "local")
-# Which day a run processes (see factory.timetable_for): the day before the run (the seed's Airflow-2
-# `schedule_interval` semantics, the default) or the day of the run.
-PROCESS_DATES = ("previous_run", "run_day")
+from answersheet_dagkit.roadsfile import fail as _fail
+
+MODES = tuple(ROAD_SCHEMA["properties"]["kubernetes"]["properties"]["mode"]["enum"])
 MODE_ENV = "ANSWERSHEET_EXECUTION_MODE"
 ROADS_FILE_ENV = "ANSWERSHEET_ROADS_FILE"
-
-SCHEDULE_DEFAULTS: dict[str, Any] = {
-    "timezone": "Asia/Seoul",
-    "cron": "0 9 * * 1-5",          # weekdays 09:00 local time; null = manual/backfill only
-    "process_date": "previous_run",  # previous_run: Tue 09:00 processes Monday | run_day: processes Tuesday
-    "start_date": None,             # required, YYYY-MM-DD in `timezone`
-    "catchup": False,
-    "max_active_runs": 1,
-    "retries": 2,
-    "retry_delay_minutes": 5,       # doubled after each try (exponential backoff) ...
-    "max_retry_delay_minutes": 60,  # ... up to this
-}
-
-# The `kubernetes:` section: built-in defaults, overridden by the roads file's defaults and the road.
-# Keep in sync with helm/ (the names of the ServiceAccount, Secret and ConfigMap it creates).
-KUBERNETES_DEFAULTS: dict[str, Any] = {
-    "mode": "kubernetes",
-    "namespace": "airflow",
-    "service_account": "answersheet-pipeline",
-    "s3_secret": "answersheet-s3",
-    "roads_config_map": "answersheet-roads",
-    "image_pull_secrets": [],
-    "deferrable": False,
-    "startup_timeout_seconds": 1200,
-    "schedule_timeout_seconds": 1800,
-    "scratch_size": "50Gi",
-    "run_as_user": 10001,
-    "push_summary": True,
-    "images": {
-        "preprocess": {"repository": "ghcr.io/answersheet/answersheet-preprocess", "tag": "0.1.0",
-                       "digest": "", "pull_policy": "IfNotPresent"},
-        "detector": {"repository": "ghcr.io/answersheet/answersheet-detector", "tag": "0.1.0",
-                     "digest": "", "pull_policy": "IfNotPresent"},
-    },
-    "resources": {
-        "preprocess": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "detector": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}},
-    },
-    "gpu": {
-        "count": 1,
-        "resource": "nvidia.com/gpu",
-        "products": ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB",
-                     "NVIDIA-A100-80GB-PCIe"],
-        "runtime_class": "",
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    },
-}
-IMAGE_KEYS = ("repository", "tag", "digest", "pull_policy")
-RESOURCE_KEYS = ("requests", "limits")
-GPU_KEYS = ("count", "resource", "products", "runtime_class", "tolerations")
-TOLERATION_KEYS = ("key", "operator", "value", "effect", "toleration_seconds")
-
-DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-QUANTITY_RE = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[mkMGTPE]|u|n)?$")
-RESOURCE_NAME_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-REPOSITORY_RE = re.compile(r"^[a-z0-9]+([._:/-][a-z0-9]+)*$")
-
-
-class RoadConfigError(ValueError):
-    """A problem in the roads file; the message names the file or the road and the key."""
+# The chart's pod templates (ConfigMap answersheet-pod-templates), mounted here by helm/values-airflow.yaml.
+POD_TEMPLATES_ENV = "ANSWERSHEET_POD_TEMPLATES"
+POD_TEMPLATES_DIR = "/opt/airflow/answersheet-pod-templates"
+RoadConfigError = RoadsFileError
 
 
 @dataclass(frozen=True)
@@ -102,7 +39,7 @@ class Schedule:
 
     timezone: str
     cron: str | None
-    process_date: str  # one of PROCESS_DATES
+    process_date: str  # previous_run | run_day (factory.timetable_for)
     start_date: dt.date
     catchup: bool
     max_active_runs: int
@@ -120,22 +57,11 @@ class RoadSpec:
     bucket: str
     shards: int
     schedule: Schedule
-    kubernetes: dict[str, Any]  # KUBERNETES_DEFAULTS merged with the file, validated; mode resolved
+    kubernetes: dict[str, Any]  # the schema's defaults merged with the file; mode resolved
 
     @property
     def dag_id(self) -> str:
         return f"answersheet_{self.id}"
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """base updated by over, recursing into mappings (lists are replaced), as answersheet.config does."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def roads_file_path(dags_dir: Path) -> Path:
@@ -143,238 +69,49 @@ def roads_file_path(dags_dir: Path) -> Path:
     return Path(os.environ.get(ROADS_FILE_ENV) or Path(dags_dir) / "roads.yaml")
 
 
-def read_roads(path: Path) -> list[dict]:
-    """Each road's raw mapping with `defaults` merged in; whole-file problems raise RoadConfigError."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RoadConfigError(f"{path}: roads file not found (set {ROADS_FILE_ENV})") from None
-    except yaml.YAMLError as exc:
-        raise RoadConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("roads"), list):
-        raise RoadConfigError(f"{path}: expected a mapping with a 'roads' list")
-    unknown = set(doc) - {"defaults", "roads"}
-    if unknown:
-        raise RoadConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)} (allowed: defaults, roads)")
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise RoadConfigError(f"{path}: 'defaults' must be a mapping")
-    roads = []
-    for i, road in enumerate(doc["roads"]):
-        if not isinstance(road, dict):
-            raise RoadConfigError(f"{path}: roads[{i}] must be a mapping")
-        roads.append(deep_merge(defaults, road))
-    return roads
-
-
-def _fail(road: str, key: str, problem: str) -> RoadConfigError:
-    return RoadConfigError(f"road {road!r}: key {key!r}: {problem}")
-
-
-def _mapping(road: str, key: str, value: Any, allowed: tuple[str, ...] | None = None) -> dict:
-    if not isinstance(value, dict):
-        raise _fail(road, key, f"must be a mapping, got {value!r}")
-    for k in value:
-        if allowed is not None and k not in allowed:
-            raise _fail(road, f"{key}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
-    return value
-
-
-def _int(road: str, key: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise _fail(road, key, f"must be an integer {bounds}, got {value!r}")
-    return value
-
-
-def _positive(road: str, key: str, value: Any) -> float:
-    # .nan passes `value <= 0` and .inf has no upper bound: both are refused (finite numbers only)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _fail(road, key, f"must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _bool(road: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(road, key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _name(road: str, key: str, value: Any, pattern: re.Pattern = DNS_SUBDOMAIN_RE, empty_ok: bool = False) -> str:
-    if empty_ok and value in ("", None):
-        return ""
-    if not isinstance(value, str) or len(value) > 253 or not pattern.match(value):
-        raise _fail(road, key, f"must be a Kubernetes name (lowercase letters, digits, '-', '.'), got {value!r}")
-    return value
-
-
-def _quantity(road: str, key: str, value: Any) -> str:
-    text = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if not isinstance(text, str) or not QUANTITY_RE.match(text):
-        raise _fail(road, key, f"must be a Kubernetes quantity such as 500m, 2, 4Gi, got {value!r}")
-    return text
-
-
-def validate_schedule(road: str, raw: Any) -> Schedule:
-    """The `schedule` section (the cron expression itself is checked by Airflow's timetable in the factory)."""
-    raw = _mapping(road, "schedule", raw if raw is not None else {}, tuple(SCHEDULE_DEFAULTS))
-    s = {**SCHEDULE_DEFAULTS, **raw}
-    tz = s["timezone"]
-    try:
-        if not isinstance(tz, str):
-            raise ValueError
-        zoneinfo.ZoneInfo(tz)
-    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-        raise _fail(road, "schedule.timezone", f"not an IANA time zone such as Asia/Seoul: {tz!r}") from None
-    cron = s["cron"]
-    if cron is not None and (not isinstance(cron, str) or not cron.strip()):
-        raise _fail(road, "schedule.cron", f"must be a cron expression such as '0 9 * * 1-5' or null, got {cron!r}")
-    process_date = s["process_date"]
-    if process_date not in PROCESS_DATES:
-        raise _fail(road, "schedule.process_date", f"must be one of {PROCESS_DATES}, got {process_date!r}")
-    start = s["start_date"]
-    if isinstance(start, str):
-        try:
-            start = dt.date.fromisoformat(start)
-        except ValueError:
-            start = None
-    if isinstance(start, dt.datetime) or not isinstance(start, dt.date):
-        raise _fail(road, "schedule.start_date", f"required, a date YYYY-MM-DD, got {s['start_date']!r}")
+def validate_schedule(raw: dict) -> Schedule:
+    """The schema-checked `schedule` section with the schema's defaults (the cron expression itself is checked
+    by Airflow's timetable in the factory)."""
+    s = {**schema_defaults("schedule"), **raw}
     return Schedule(
-        timezone=tz,
-        cron=cron.strip() if cron else None,
-        process_date=process_date,
-        start_date=start,
-        catchup=_bool(road, "schedule.catchup", s["catchup"]),
-        max_active_runs=_int(road, "schedule.max_active_runs", s["max_active_runs"], 1, 64),
-        retries=_int(road, "schedule.retries", s["retries"], 0, 20),
-        retry_delay_minutes=_positive(road, "schedule.retry_delay_minutes", s["retry_delay_minutes"]),
-        max_retry_delay_minutes=_positive(road, "schedule.max_retry_delay_minutes", s["max_retry_delay_minutes"]),
+        timezone=s["timezone"], cron=s["cron"].strip() if s["cron"] else None, process_date=s["process_date"],
+        start_date=dt.date.fromisoformat(s["start_date"]), catchup=s["catchup"],
+        max_active_runs=s["max_active_runs"], retries=s["retries"],
+        retry_delay_minutes=float(s["retry_delay_minutes"]),
+        max_retry_delay_minutes=float(s["max_retry_delay_minutes"]),
     )
 
 
-def _validate_image(road: str, key: str, raw: Any) -> dict:
-    img = _mapping(road, key, raw, IMAGE_KEYS)
-    repo = img.get("repository")
-    if not isinstance(repo, str) or not REPOSITORY_RE.match(repo):
-        raise _fail(road, f"{key}.repository", f"must be an image repository such as ghcr.io/org/name, got {repo!r}")
-    tag, digest = img.get("tag") or "", img.get("digest") or ""
-    if not isinstance(tag, str) or (tag and not TAG_RE.match(tag)):
-        raise _fail(road, f"{key}.tag", f"must be a string image tag (quote numbers in YAML), got {tag!r}")
-    if not isinstance(digest, str) or (digest and not DIGEST_RE.match(digest)):
-        raise _fail(road, f"{key}.digest", f"must be empty or sha256:<64 hex digits>, got {digest!r}")
-    if not tag and not digest:
-        raise _fail(road, key, "needs a tag or a digest")
-    policy = img.get("pull_policy", "IfNotPresent")
-    if policy not in ("Always", "IfNotPresent", "Never"):
-        raise _fail(road, f"{key}.pull_policy", f"must be Always, IfNotPresent or Never, got {policy!r}")
-    return {"repository": repo, "tag": tag, "digest": digest, "pull_policy": policy}
+def pod_template_path(kind: str, profile: str) -> Path:
+    """The chart's pod template for a stage kind (preprocess | detector) and profile: <dir>/<kind>-<profile>.yaml."""
+    return Path(os.environ.get(POD_TEMPLATES_ENV) or POD_TEMPLATES_DIR) / f"{kind}-{profile}.yaml"
 
 
-def _validate_resources(road: str, key: str, raw: Any) -> dict:
-    res = _mapping(road, key, raw, RESOURCE_KEYS)
-    out = {}
-    for part in RESOURCE_KEYS:
-        amounts = _mapping(road, f"{key}.{part}", res.get(part) or {})
-        for name in amounts:
-            if not isinstance(name, str) or not RESOURCE_NAME_RE.match(name):
-                raise _fail(road, f"{key}.{part}.{name}", "not a resource name")
-        out[part] = {name: _quantity(road, f"{key}.{part}.{name}", v) for name, v in amounts.items()}
-    return out
-
-
-def _validate_toleration(road: str, key: str, raw: Any) -> dict:
-    tol = _mapping(road, key, raw, TOLERATION_KEYS)
-    if tol.get("operator", "Equal") not in ("Exists", "Equal"):
-        raise _fail(road, f"{key}.operator", f"must be Exists or Equal, got {tol.get('operator')!r}")
-    if tol.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise _fail(road, f"{key}.effect", f"must be NoSchedule, PreferNoSchedule or NoExecute, got {tol['effect']!r}")
-    for k in ("key", "value"):
-        if k in tol and not isinstance(tol[k], str):
-            raise _fail(road, f"{key}.{k}", f"must be a string, got {tol[k]!r}")
-    if "toleration_seconds" in tol:
-        _int(road, f"{key}.toleration_seconds", tol["toleration_seconds"], 0)
-    return dict(tol)
-
-
-def validate_kubernetes(road: str, raw: Any, mode_env: str | None = None) -> dict:
-    """The `kubernetes` section merged over KUBERNETES_DEFAULTS; `mode` resolved with $ANSWERSHEET_EXECUTION_MODE."""
-    given = _mapping(road, "kubernetes", raw if raw is not None else {}, tuple(KUBERNETES_DEFAULTS))
-    k = deep_merge(KUBERNETES_DEFAULTS, given)
-    mode = mode_env or k["mode"]
-    if mode not in MODES:
-        where = f"${MODE_ENV}" if mode_env else "kubernetes.mode"
-        raise _fail(road, where, f"must be one of {MODES}, got {mode!r}")
-    for key in ("namespace",):
-        _name(road, f"kubernetes.{key}", k[key], DNS_LABEL_RE)
-    for key in ("service_account", "s3_secret", "roads_config_map"):
-        _name(road, f"kubernetes.{key}", k[key])
-    secrets = k["image_pull_secrets"]
-    if not isinstance(secrets, list):
-        raise _fail(road, "kubernetes.image_pull_secrets", f"must be a list of Secret names, got {secrets!r}")
-    for i, name in enumerate(secrets):
-        _name(road, f"kubernetes.image_pull_secrets[{i}]", name)
-    images = _mapping(road, "kubernetes.images", k["images"], ("preprocess", "detector"))
-    resources = _mapping(road, "kubernetes.resources", k["resources"], ("preprocess", "detector"))
-    gpu = _mapping(road, "kubernetes.gpu", k["gpu"], GPU_KEYS)
-    products = gpu["products"] or []
-    if not isinstance(products, list) or not all(isinstance(p, str) and p for p in products):
-        raise _fail(road, "kubernetes.gpu.products", f"must be a list of GPU product names, got {products!r}")
-    tolerations = gpu["tolerations"] or []
-    if not isinstance(tolerations, list):
-        raise _fail(road, "kubernetes.gpu.tolerations", f"must be a list, got {tolerations!r}")
-    resource = gpu["resource"]
-    if not isinstance(resource, str) or "/" not in resource or not RESOURCE_NAME_RE.match(resource):
-        raise _fail(road, "kubernetes.gpu.resource",
-                    f"must be an extended resource such as nvidia.com/gpu or nvidia.com/mig-1g.10gb, got {resource!r}")
-    return {
-        "mode": mode,
-        "namespace": k["namespace"],
-        "service_account": k["service_account"],
-        "s3_secret": k["s3_secret"],
-        "roads_config_map": k["roads_config_map"],
-        "image_pull_secrets": list(secrets),
-        "deferrable": _bool(road, "kubernetes.deferrable", k["deferrable"]),
-        "startup_timeout_seconds": _int(road, "kubernetes.startup_timeout_seconds", k["startup_timeout_seconds"], 1),
-        "schedule_timeout_seconds": _int(road, "kubernetes.schedule_timeout_seconds",
-                                         k["schedule_timeout_seconds"], 1),
-        "scratch_size": _quantity(road, "kubernetes.scratch_size", k["scratch_size"]),
-        "run_as_user": _int(road, "kubernetes.run_as_user", k["run_as_user"], 1),
-        "push_summary": _bool(road, "kubernetes.push_summary", k["push_summary"]),
-        "images": {name: _validate_image(road, f"kubernetes.images.{name}", images.get(name))
-                   for name in ("preprocess", "detector")},
-        "resources": {name: _validate_resources(road, f"kubernetes.resources.{name}", resources.get(name) or {})
-                      for name in ("preprocess", "detector")},
-        "gpu": {
-            "count": _int(road, "kubernetes.gpu.count", gpu["count"], 1, 16),
-            "resource": resource,
-            "products": list(products),
-            "runtime_class": _name(road, "kubernetes.gpu.runtime_class", gpu["runtime_class"], empty_ok=True),
-            "tolerations": [_validate_toleration(road, f"kubernetes.gpu.tolerations[{i}]", t)
-                            for i, t in enumerate(tolerations)],
-        },
-    }
+def validate_kubernetes(road: str, raw: dict | None, mode_env: str | None = None) -> dict[str, Any]:
+    """The schema-checked `kubernetes` section over the schema's defaults; `mode` resolved with
+    $ANSWERSHEET_EXECUTION_MODE. In kubernetes mode, where the pod templates are mounted (the Airflow overlay
+    mounts them in the DAG processor), a profile without a template is the road's error at parse time,
+    not a task failing at run time."""
+    k = deep_merge(schema_defaults("kubernetes"), raw or {})
+    k["mode"] = mode_env or k["mode"]
+    if k["mode"] not in MODES:
+        raise _fail(road, f"${MODE_ENV}", f"must be one of {MODES}, got {k['mode']!r}")
+    for kind, profile in k["pod_profile"].items():
+        path = pod_template_path(kind, profile)
+        if k["mode"] == "kubernetes" and path.parent.is_dir() and not path.is_file():
+            there = sorted(p.stem.removeprefix(f"{kind}-") for p in path.parent.glob(f"{kind}-*.yaml"))
+            raise _fail(road, f"kubernetes.pod_profile.{kind}",
+                        f"no pod template {path.name} in {path.parent} (the chart's {kind} profiles: {there})")
+    return k
 
 
 def validate_road(raw: dict, mode_env: str | None = None) -> RoadSpec:
     """One merged road mapping -> RoadSpec, or RoadConfigError naming the road and the key."""
-    road = raw.get("id")
-    if not isinstance(road, str) or not ROAD_ID_RE.match(road):
-        raise RoadConfigError(f"road {road!r}: key 'id': must match {ROAD_ID_RE.pattern}")
-    for key in raw:
-        if key not in ROAD_KEYS:
-            raise _fail(road, key, f"unknown key (allowed: {', '.join(ROAD_KEYS)})")
-    name = raw.get("name", road)
-    if not isinstance(name, str) or not name:
-        raise _fail(road, "name", "must be a non-empty string")
-    bucket = raw.get("bucket", "answersheet")
-    if not isinstance(bucket, str) or not bucket:
-        raise _fail(road, "bucket", "must be a bucket name")
-    detect = _mapping(road, "detect", raw.get("detect") or {})
-    shards = _int(road, "detect.shards", detect.get("shards", 1), 1, 256)
+    check_road(raw)
+    road = raw["id"]
     return RoadSpec(
-        id=road, name=name, bucket=bucket, shards=shards,
-        schedule=validate_schedule(road, raw.get("schedule")),
+        id=road, name=raw.get("name", road), bucket=raw.get("bucket", "answersheet"),
+        shards=raw["detect"].get("shards", 1), schedule=validate_schedule(raw["schedule"]),
         kubernetes=validate_kubernetes(road, raw.get("kubernetes"), mode_env),
     )
 

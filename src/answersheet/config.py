@@ -1,47 +1,22 @@
-"""Roads file: load, merge `defaults` into each road, validate with errors that name the road and key.
-
-The stage code owns every section except `schedule` and `kubernetes`, which the DAG factory
-(`dags/answersheet_factory.py`) validates; here they only have to be mappings.
+"""Roads file: each road's settings as typed objects, validated against roads.schema.json (answersheet.roadsfile,
+the one reader the DAGs share) plus the checks a schema cannot express: the detect cameras and class names
+must be the road's own. Errors are one line naming the file, the road and the key.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from answersheet.errors import ConfigError
 
-DEFAULT_CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
-SHORT_SET_POLICIES = ("fill", "flag", "fail")
-BACKENDS = ("auto", "torch", "onnx")
-ROAD_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]*[a-z0-9]$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# ROAD_KEYS and deep_merge are re-exported: bench/, demo and the tests merge roads as the reader does
+from answersheet.roadsfile import ROAD_KEYS, RoadsFileError, check_road, deep_merge, read_roads  # noqa: F401
 
-# Every key a road may have. The DAG factory keeps the same list (tests/test_contract.py checks).
-ROAD_KEYS = (
-    "id", "name", "bucket", "cameras", "classes", "short_set_policy",
-    "ingest", "detect", "schedule", "kubernetes", "unlabelled_labels", "sheet",
-)
-UNLABELLED_LABELS = ("none", "empty")
-SHEET_KEYS = ("image_urls", "presign_expiry_s", "drift_days", "report_samples")
-IMAGE_URLS = ("s3", "presigned")
-INGEST_KEYS = ("max_member_bytes", "max_total_bytes", "max_ratio", "max_members", "workers")
-DETECT_KEYS = (
-    "cameras", "weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres",
-    "iou_thres", "imgsz", "max_det", "batch_size", "shards", "class_map", "class_conf_thres", "slices",
-    "agnostic_nms",
-)
-SLICE_KEYS = ("size", "overlap", "imgsz", "merge", "match_metric", "match_threshold")
-SLICE_MERGES = ("greedy_nmm", "nms")
-SLICE_METRICS = ("ios", "iou")
+DEFAULT_CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
 
 
 @dataclass(frozen=True)
@@ -183,294 +158,74 @@ class RoadConfig:
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Return base updated by over, recursing into mappings (as helm merges values)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _read_text(p: Path) -> str:
-    """The roads file as text; every way it can be unreadable is one line naming the file."""
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: roads file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, not a roads file") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the roads file: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                          "save the roads file as UTF-8") from None
-
-
-def _yaml_error(p: Path, exc: yaml.YAMLError) -> ConfigError:
-    """PyYAML's multi-line message as one line: file, line, column, problem."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    problem = " ".join(x for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
-    return ConfigError(f"{p}: {where}not valid YAML: {_one_line(problem or exc)}")
-
-
 def read_roads_file(path: str | Path) -> list[dict]:
     """Parse the roads file and return each road's raw mapping with `defaults` merged in."""
-    p = Path(path)
-    text = _read_text(p)
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(p, exc) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("roads"), list):
-        raise ConfigError(f"{p}: expected a mapping with a 'roads' list")
-    unknown = set(doc) - {"defaults", "roads"}
-    if unknown:
-        raise ConfigError(f"{p}: unknown top-level key(s) {sorted(unknown)} (allowed: defaults, roads)")
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"{p}: 'defaults' must be a mapping")
-    roads = []
-    for i, road in enumerate(doc["roads"]):
-        if not isinstance(road, dict):
-            raise ConfigError(f"{p}: roads[{i}] must be a mapping")
-        roads.append(deep_merge(defaults, road))
-    return roads
+        return read_roads(path)
+    except RoadsFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def _fail(road: str, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"road {road!r}: key {key!r}: {problem}")
-
-
-def _check_keys(road: str, where: str, mapping: dict, allowed: tuple[str, ...]) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise _fail(road, f"{where}{key}", f"unknown key (allowed: {', '.join(allowed)})")
-
-
-def _number(road: str, key: str, value: Any, kind: type, low: float, high: float):
-    """A finite number in [low, high]: `.nan` compares false with every bound and `.inf` passes any
-    lower bound, so without the isfinite check `conf_thres: .nan` would publish a sheet with no boxes
-    and `max_ratio: .inf` would switch the zip-bomb guard off."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise _fail(road, key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise _fail(road, key, f"must be a finite number in [{low:g}, {high:g}], got {value!r}")
-    if not low <= value <= high:
-        raise _fail(road, key, f"must be in [{low:g}, {high:g}], got {value!r}")
-    return kind(value)
-
-
-def _str_list(road: str, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise _fail(road, key, f"must be a non-empty list of names, got {value!r}")
-    if len(set(value)) != len(value):
-        raise _fail(road, key, "has duplicates")
-    return tuple(value)
+def _in_classes(road: str, key: str, names: Any, classes: tuple[str, ...]) -> None:
+    """Road class names used by a detect key must be classes of the road (JSON Schema cannot say so)."""
+    for name in names:
+        if name not in classes:
+            raise ConfigError(f"road {road!r}: key {key!r}: {name!r} is not one of the road's classes {list(classes)}")
 
 
 def validate_road(raw: dict) -> RoadConfig:
-    """Validate one merged road mapping; raise ConfigError naming the road and key."""
-    road = raw.get("id")
-    if not isinstance(road, str) or not ROAD_ID_RE.match(road):
-        raise ConfigError(f"road {road!r}: key 'id': must match {ROAD_ID_RE.pattern}")
-    _check_keys(road, "", raw, ROAD_KEYS)
-    name = raw.get("name", road)
-    if not isinstance(name, str) or not name:
-        raise _fail(road, "name", "must be a non-empty string")
-    bucket = raw.get("bucket", "answersheet")
-    if not isinstance(bucket, str) or not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
-        raise _fail(road, "bucket", f"not a valid S3 bucket name: {bucket!r}")
-    cameras = _str_list(road, "cameras", raw.get("cameras", list(DEFAULT_CAMERAS)))
-    for cam in cameras:
-        if "_" in cam or not re.match(r"^[a-z0-9]+$", cam):
-            raise _fail(road, "cameras", f"camera name {cam!r} must be lowercase letters/digits, no '_'")
-    classes = _str_list(road, "classes", raw.get("classes"))
-    policy = raw.get("short_set_policy", "fill")
-    if policy not in SHORT_SET_POLICIES:
-        raise _fail(road, "short_set_policy", f"must be one of {SHORT_SET_POLICIES}, got {policy!r}")
-
-    ing = raw.get("ingest") or {}
-    if not isinstance(ing, dict):
-        raise _fail(road, "ingest", "must be a mapping")
-    _check_keys(road, "ingest.", ing, INGEST_KEYS)
-    base = IngestLimits()
-
-    def limit(key: str, kind: type, low: float, high: float):
-        return _number(road, f"ingest.{key}", ing.get(key, getattr(base, key)), kind, low, high)
-
-    limits = IngestLimits(
-        max_member_bytes=limit("max_member_bytes", int, 1, 2**40),
-        max_total_bytes=limit("max_total_bytes", int, 1, 2**50),
-        max_ratio=limit("max_ratio", float, 1, 1e6),
-        max_members=limit("max_members", int, 1, 10**8),
-        workers=limit("workers", int, 1, 256),
-    )
-
-    det = raw.get("detect")
-    if not isinstance(det, dict):
-        raise _fail(road, "detect", "must be a mapping")
-    _check_keys(road, "detect.", det, DETECT_KEYS)
+    """Validate one merged road mapping against roads.schema.json, then what the schema cannot express (the
+    detect cameras and class names must be the road's own); raise ConfigError naming the road and key."""
+    try:
+        check_road(raw)
+    except RoadsFileError as exc:
+        raise ConfigError(str(exc)) from None
+    road = raw["id"]
+    cameras = tuple(raw.get("cameras", DEFAULT_CAMERAS))
+    classes = tuple(raw["classes"])
+    det = raw["detect"]
     dcams = det.get("cameras", ["side1", "side2"])
-    dcams = cameras if dcams == "all" else _str_list(road, "detect.cameras", dcams)
+    dcams = cameras if dcams == "all" else tuple(dcams)
     for cam in dcams:
         if cam not in cameras:
-            raise _fail(road, "detect.cameras", f"{cam!r} is not one of the road's cameras {list(cameras)}")
-    weights = det.get("weights")
-    if not isinstance(weights, str) or not weights:
-        raise _fail(road, "detect.weights", "must be a local path or s3:// URI")
-    for key in ("sha256", "onnx_sha256"):
-        val = det.get(key)
-        if (key == "sha256" or val is not None) and not (isinstance(val, str) and SHA256_RE.match(val)):
-            raise _fail(road, f"detect.{key}", "must be 64 lowercase hex digits")
-    onnx = det.get("onnx")
-    if onnx is not None and (not isinstance(onnx, str) or not det.get("onnx_sha256")):
-        raise _fail(road, "detect.onnx", "must be a path/URI and needs detect.onnx_sha256")
-    backend = det.get("backend", "auto")
-    if backend not in BACKENDS:
-        raise _fail(road, "detect.backend", f"must be one of {BACKENDS}, got {backend!r}")
-    device = det.get("device", "auto")
-    if not isinstance(device, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device):
-        raise _fail(road, "detect.device", f"must be auto, cpu or cuda[:N], got {device!r}")
+            raise ConfigError(f"road {road!r}: key 'detect.cameras': {cam!r} is not one of the road's cameras "
+                              f"{list(cameras)}")
+    class_map = det.get("class_map", "identity")
+    class_map = None if class_map in ("identity", None) else class_map
+    _in_classes(road, "detect.class_map", [v for v in (class_map or {}).values() if v is not None], classes)
+    class_conf = det.get("class_conf_thres") or {}
+    _in_classes(road, "detect.class_conf_thres", class_conf, classes)
+    agnostic = tuple(det.get("agnostic_nms") or ())
+    _in_classes(road, "detect.agnostic_nms", agnostic, classes)
+    detect_keys = ("weights", "sha256", "onnx", "onnx_sha256", "backend", "device", "conf_thres", "iou_thres",
+                   "imgsz", "max_det", "batch_size", "shards")
     detect = DetectSettings(
-        cameras=tuple(dcams), weights=weights, sha256=det["sha256"], onnx=onnx,
-        onnx_sha256=det.get("onnx_sha256"), backend=backend, device=device,
-        conf_thres=_number(road, "detect.conf_thres", det.get("conf_thres", 0.25), float, 0, 1),
-        iou_thres=_number(road, "detect.iou_thres", det.get("iou_thres", 0.45), float, 0, 1),
-        imgsz=_number(road, "detect.imgsz", det.get("imgsz", 640), int, 32, 8192),
-        max_det=_number(road, "detect.max_det", det.get("max_det", 1000), int, 1, 100_000),
-        batch_size=_number(road, "detect.batch_size", det.get("batch_size", 16), int, 1, 1024),
-        shards=_number(road, "detect.shards", det.get("shards", 1), int, 1, 256),
+        cameras=dcams, **{k: det[k] for k in detect_keys if det.get(k) is not None},
+        # mappings sorted: key order (e.g. after Helm's YAML round trip) must not change digests
+        class_map=None if class_map is None else tuple(sorted(class_map.items())),
+        class_conf_thres=tuple(sorted((k, float(v)) for k, v in class_conf.items())),
+        slices=_slices(det.get("slices")), agnostic_nms=agnostic,
     )
-    if detect.imgsz % 32:
-        raise _fail(road, "detect.imgsz", f"must be a multiple of 32, got {detect.imgsz}")
-    detect = replace(detect, class_map=_class_map(road, det.get("class_map", "identity"), classes),
-                     class_conf_thres=_class_conf(road, det.get("class_conf_thres"), classes),
-                     slices=_slices(road, det.get("slices")),
-                     agnostic_nms=_agnostic(road, det.get("agnostic_nms"), classes))
-    for key in ("schedule", "kubernetes"):
-        if not isinstance(raw.get(key, {}), dict):
-            raise _fail(road, key, "must be a mapping")
+    detect = replace(detect, conf_thres=float(detect.conf_thres), iou_thres=float(detect.iou_thres))
+    ing = raw.get("ingest") or {}
+    limits = IngestLimits(**{k: v for k, v in ing.items() if v is not None})
+    limits = replace(limits, max_ratio=float(limits.max_ratio))
     return RoadConfig(
-        id=road, name=name, bucket=bucket, cameras=cameras, classes=classes,
-        short_set_policy=policy, ingest=limits, detect=detect,
+        id=road, name=raw.get("name", road), bucket=raw.get("bucket", "answersheet"), cameras=cameras,
+        classes=classes, short_set_policy=raw.get("short_set_policy", "fill"), ingest=limits, detect=detect,
         schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
-        unlabelled_labels=_unlabelled_labels(road, raw), sheet=_sheet_settings(road, raw),
+        unlabelled_labels=raw.get("unlabelled_labels", "none"), sheet=SheetSettings(**(raw.get("sheet") or {})),
     )
 
 
-def _unlabelled_labels(road: str, raw: dict) -> str:
-    value = raw.get("unlabelled_labels", "none")
-    if value not in UNLABELLED_LABELS:
-        raise _fail(road, "unlabelled_labels", f"must be one of {UNLABELLED_LABELS}, got {value!r}")
-    return value
-
-
-def _sheet_settings(road: str, raw: dict) -> SheetSettings:
-    """The `sheet:` section (image URLs in the Label Studio tasks, drift history, report sample size)."""
-    sheet = raw.get("sheet") or {}
-    if not isinstance(sheet, dict):
-        raise _fail(road, "sheet", "must be a mapping")
-    _check_keys(road, "sheet.", sheet, SHEET_KEYS)
-    base = SheetSettings()
-    urls = sheet.get("image_urls", base.image_urls)
-    if urls not in IMAGE_URLS:
-        raise _fail(road, "sheet.image_urls", f"must be one of {IMAGE_URLS}, got {urls!r}")
-    tz = raw.get("schedule", {}).get("timezone") if isinstance(raw.get("schedule"), dict) else None
-    if tz is not None:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(str(tz))
-        except (ZoneInfoNotFoundError, ValueError):
-            raise _fail(road, "schedule.timezone", f"unknown time zone {tz!r}") from None
-    return SheetSettings(
-        image_urls=urls,
-        presign_expiry_s=_number(road, "sheet.presign_expiry_s", sheet.get("presign_expiry_s", base.presign_expiry_s),
-                                 int, 60, 7 * 24 * 3600),
-        drift_days=_number(road, "sheet.drift_days", sheet.get("drift_days", base.drift_days), int, 0, 60),
-        report_samples=_number(road, "sheet.report_samples", sheet.get("report_samples", base.report_samples),
-                               int, 1, 100),
-    )
-
-
-def _class_map(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[str, str | None], ...] | None:
-    """`identity` (None) or {model class name: road class name or null}. The model's names are checked
-    when detect loads the model (inference.resolve_class_map); the road's names here."""
-    key = "detect.class_map"
-    if value == "identity" or value is None:
-        return None
-    if not isinstance(value, dict) or not value:
-        raise _fail(road, key, f"must be `identity` or a mapping model class -> road class (or null), got {value!r}")
-    for src, dst in value.items():
-        if not isinstance(src, str) or not src:
-            raise _fail(road, key, f"model class names must be strings, got {src!r}")
-        if dst is not None and dst not in classes:
-            raise _fail(road, key, f"{src!r} -> {dst!r}: {dst!r} is not one of the road's classes {list(classes)}")
-    return tuple(sorted((str(k), v) for k, v in value.items()))  # a mapping: key order must not change digests
-
-
-def _class_conf(road: str, value: Any, classes: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    key = "detect.class_conf_thres"
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise _fail(road, key, f"must be a mapping road class -> confidence threshold, got {value!r}")
-    out = []
-    for name, thr in value.items():
-        if name not in classes:
-            raise _fail(road, key, f"{name!r} is not one of the road's classes {list(classes)}")
-        out.append((name, _number(road, f"{key}.{name}", thr, float, 0, 1)))
-    return tuple(sorted(out))  # a mapping: key order (e.g. after Helm's YAML round trip) must not change digests
-
-
-def _agnostic(road: str, value: Any, classes: tuple[str, ...]) -> tuple[str, ...]:
-    if value is None or value == []:
-        return ()
-    names = _str_list(road, "detect.agnostic_nms", value)
-    for name in names:
-        if name not in classes:
-            raise _fail(road, "detect.agnostic_nms", f"{name!r} is not one of the road's classes {list(classes)}")
-    return names
-
-
-def _slices(road: str, value: Any) -> SliceSettings | None:
-    key = "detect.slices"
+def _slices(value: Any) -> SliceSettings | None:
+    """`detect.slices` (schema-checked): null/false = off; `size` as one number or [width, height]."""
     if value is None or value is False:
         return None
-    if not isinstance(value, dict):
-        raise _fail(road, key, f"must be a mapping ({', '.join(SLICE_KEYS)}) or null, got {value!r}")
-    _check_keys(road, f"{key}.", value, SLICE_KEYS)
-    base = SliceSettings()
-    size = value.get("size", list(base.size))
-    size = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
-    if not isinstance(size, list) or len(size) != 2:
-        raise _fail(road, f"{key}.size", f"must be a tile size in pixels or [width, height], got {size!r}")
-    size = tuple(_number(road, f"{key}.size", v, int, 32, 8192) for v in size)
-    imgsz = _number(road, f"{key}.imgsz", value.get("imgsz", base.imgsz), int, 32, 8192)
-    if imgsz % 32:
-        raise _fail(road, f"{key}.imgsz", f"must be a multiple of 32, got {imgsz}")
-    merge, metric = value.get("merge", base.merge), value.get("match_metric", base.match_metric)
-    if merge not in SLICE_MERGES:
-        raise _fail(road, f"{key}.merge", f"must be one of {SLICE_MERGES}, got {merge!r}")
-    if metric not in SLICE_METRICS:
-        raise _fail(road, f"{key}.match_metric", f"must be one of {SLICE_METRICS}, got {metric!r}")
-    return SliceSettings(
-        size=size, overlap=_number(road, f"{key}.overlap", value.get("overlap", base.overlap), float, 0, 0.9),
-        imgsz=imgsz, merge=merge, match_metric=metric,
-        match_threshold=_number(road, f"{key}.match_threshold", value.get("match_threshold", base.match_threshold),
-                                float, 0.01, 1),
-    )
+    size = value.get("size", 640)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return replace(SliceSettings(**{k: v for k, v in value.items() if k != "size"}), size=size,
+                   overlap=float(value.get("overlap", 0.2)), match_threshold=float(value.get("match_threshold", 0.5)))
 
 
 def load_road(path: str | Path, road_id: str) -> RoadConfig:

@@ -89,11 +89,8 @@ seccompProfile:
 {{- end }}
 
 {{/*
-The roads file as deployed: roadsYaml parsed, with the cluster's settings written into
-defaults.kubernetes. Each key of .Values.kubernetes (plus namespace, service_account, s3_secret and
-roads_config_map, which name this chart's objects) replaces the same key of the file's
-defaults.kubernetes; keys the chart does not set are kept; a road's own `kubernetes:` still wins,
-because the roads file merges `defaults` into each road when it is read. Returns YAML.
+The roads file (roadsYaml) parsed, for the bucket list; it is deployed unchanged. Fails with one line when it
+is not YAML with a `roads` list. Returns YAML.
 */}}
 {{- define "answersheet.roads" -}}
 {{- $doc := fromYaml .Values.roadsYaml }}
@@ -103,26 +100,100 @@ because the roads file merges `defaults` into each road when it is read. Returns
 {{- if not (kindIs "slice" $doc.roads) }}
 {{- fail "roadsYaml: expected a mapping with a 'roads' list (pass --set-file roadsYaml=dags/roads.yaml)" }}
 {{- end }}
-{{- $defaults := $doc.defaults | default dict }}
-{{- if not (kindIs "map" $defaults) }}
+{{- if not (kindIs "map" ($doc.defaults | default dict)) }}
 {{- fail "roadsYaml: 'defaults' must be a mapping" }}
 {{- end }}
-{{- $kube := deepCopy ($defaults.kubernetes | default dict) }}
-{{- range $key, $value := .Values.kubernetes }}
-{{- $_ := set $kube $key (deepCopy $value) }}
-{{- end }}
-{{- range $role, $image := $kube.images }}
-{{- if not $image.tag }}
-{{- $_ := set $image "tag" $.Chart.AppVersion }}
-{{- end }}
-{{- end }}
-{{- $_ := set $kube "namespace" .Release.Namespace }}
-{{- $_ := set $kube "service_account" .Values.pipeline.serviceAccount.name }}
-{{- $_ := set $kube "s3_secret" (include "answersheet.s3.secretName" .) }}
-{{- $_ := set $kube "roads_config_map" .Values.roadsConfigMap.name }}
-{{- $_ := set $defaults "kubernetes" $kube }}
-{{- $_ := set $doc "defaults" $defaults }}
 {{- toYaml $doc }}
+{{- end }}
+
+{{/*
+One stage pod template for the KubernetesPodOperator (pod_template_file): args ctx, kind (preprocess |
+detector), profile (its values). The container is `base`, the name the operator merges its command,
+arguments, labels and env into (provider cncf-kubernetes: PodGenerator.reconcile_pods).
+*/}}
+{{- define "answersheet.stagePod" -}}
+{{- $v := .ctx.Values.stagePods }}
+{{- $image := deepCopy (index $v.images .kind) }}
+{{- $_ := set $image "tag" ($image.tag | default .ctx.Chart.AppVersion) }}
+{{- $gpu := .profile.gpu }}
+apiVersion: v1
+kind: Pod
+metadata:
+  name: answersheet-{{ .kind }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    app.kubernetes.io/name: answersheet
+    app.kubernetes.io/part-of: answersheet
+    answersheet.io/pod-profile: {{ printf "%s-%s" .kind .name }}
+spec:
+  serviceAccountName: {{ .ctx.Values.pipeline.serviceAccount.name }}
+  automountServiceAccountToken: false
+  restartPolicy: Never
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: {{ $v.runAsUser }}
+    runAsGroup: {{ $v.runAsUser }}
+    fsGroup: {{ $v.runAsUser }}
+    seccompProfile:
+      type: RuntimeDefault
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  {{- if $gpu }}
+  {{- with $gpu.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with $gpu.products }}
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions:
+              - key: nvidia.com/gpu.product
+                operator: In
+                values: {{- toYaml . | nindent 18 }}
+  {{- end }}
+  {{- with $gpu.tolerations }}
+  tolerations: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- end }}
+  containers:
+    - name: base
+      image: {{ include "answersheet.image" $image }}
+      imagePullPolicy: {{ $image.pullPolicy }}
+      resources:
+        {{- with .profile.resources.requests }}
+        requests: {{- toYaml . | nindent 10 }}
+        {{- end }}
+        limits:
+          {{- with .profile.resources.limits }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+          {{- if $gpu }}
+          {{ $gpu.resource }}: {{ $gpu.count | quote }}
+          {{- end }}
+      securityContext:
+        {{- include "answersheet.containerSecurityContext" . | nindent 8 }}
+      envFrom:
+        - secretRef:
+            name: {{ include "answersheet.s3.secretName" .ctx }}
+      volumeMounts:
+        - {name: scratch, mountPath: /scratch}
+        - {name: tmp, mountPath: /tmp}
+        - {name: roads, mountPath: /etc/answersheet, readOnly: true}
+  volumes:
+    - name: scratch
+      emptyDir: {sizeLimit: {{ $v.scratchSize }}}
+    - name: tmp
+      emptyDir: {sizeLimit: {{ $v.tmpSize }}}
+    - name: roads
+      configMap:
+        name: {{ .ctx.Values.roadsConfigMap.name }}
+        items:
+          - {key: roads.yaml, path: roads.yaml}
 {{- end }}
 
 {{/* Space-separated, sorted, unique buckets of the roads file (defaults + every road) + extraBuckets. */}}

@@ -1,0 +1,1 @@
+../../dags/answersheet_dagkit/roadsfile.py
