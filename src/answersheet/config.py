@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,9 @@ class DetectSettings:
             "slices": None if self.slices is None else {**asdict(self.slices), "size": list(self.slices.size)},
             "tta": False,  # horizontal-flip TTA is not built (BENCHMARKS.md "Accuracy")
         }
+
+
+DETECT_DEFAULTS = {f.name: f.default for f in fields(DetectSettings) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)
@@ -336,21 +339,25 @@ def validate_road(raw: dict) -> RoadConfig:
     onnx = det.get("onnx")
     if onnx is not None and (not isinstance(onnx, str) or not det.get("onnx_sha256")):
         raise _fail(road, "detect.onnx", "must be a path/URI and needs detect.onnx_sha256")
-    backend = det.get("backend", "auto")
+    backend = det.get("backend", DETECT_DEFAULTS["backend"])
     if backend not in BACKENDS:
         raise _fail(road, "detect.backend", f"must be one of {BACKENDS}, got {backend!r}")
-    device = det.get("device", "auto")
+    device = det.get("device", DETECT_DEFAULTS["device"])
     if not isinstance(device, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device):
         raise _fail(road, "detect.device", f"must be auto, cpu or cuda[:N], got {device!r}")
+
+    def number(key: str, kind: type, low: float, high: float):  # DetectSettings holds the defaults
+        return _number(road, f"detect.{key}", det.get(key, DETECT_DEFAULTS[key]), kind, low, high)
+
     detect = DetectSettings(
         cameras=tuple(dcams), weights=weights, sha256=det["sha256"], onnx=onnx,
         onnx_sha256=det.get("onnx_sha256"), backend=backend, device=device,
-        conf_thres=_number(road, "detect.conf_thres", det.get("conf_thres", 0.25), float, 0, 1),
-        iou_thres=_number(road, "detect.iou_thres", det.get("iou_thres", 0.45), float, 0, 1),
-        imgsz=_number(road, "detect.imgsz", det.get("imgsz", 640), int, 32, 8192),
-        max_det=_number(road, "detect.max_det", det.get("max_det", 1000), int, 1, 100_000),
-        batch_size=_number(road, "detect.batch_size", det.get("batch_size", 16), int, 1, 1024),
-        shards=_number(road, "detect.shards", det.get("shards", 1), int, 1, 256),
+        conf_thres=number("conf_thres", float, 0, 1),
+        iou_thres=number("iou_thres", float, 0, 1),
+        imgsz=number("imgsz", int, 32, 8192),
+        max_det=number("max_det", int, 1, 100_000),
+        batch_size=number("batch_size", int, 1, 1024),
+        shards=number("shards", int, 1, 256),
     )
     if detect.imgsz % 32:
         raise _fail(road, "detect.imgsz", f"must be a multiple of 32, got {detect.imgsz}")
