@@ -34,7 +34,7 @@ class ImageName:
 
     @property
     def filename(self) -> str:
-        return f"{self.set_id}_{self.camera}.jpg"
+        return f"{self.stem}.jpg"
 
     @property
     def stem(self) -> str:
@@ -62,11 +62,6 @@ class ImageName:
         """ISO local capture time, e.g. 2026-11-02T09:13:05."""
         d, t = self.date, self.time
         return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}"
-
-
-def set_filename(set_id: str, camera: str) -> str:
-    """File name of camera `camera` in set `set_id`."""
-    return f"{set_id}_{camera}.jpg"
 
 
 def parse_image_name(filename: str, road: str, day: dt.date, cameras: tuple[str, ...]) -> ImageName:
