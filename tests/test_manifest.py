@@ -4,11 +4,16 @@ outputs that are no longer the current ones."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import time
 
 import pytest
+from conftest import write_roads_file
 
-from answersheet import manifest
+from answersheet import manifest, stage
+from answersheet.config import load_road
+from answersheet.day import RoadDay
 from answersheet.errors import AnswersheetError
 
 PREFIX = "work/r/20261102/"
@@ -79,3 +84,39 @@ def test_item1_rerun_names_every_stage_between():
     assert manifest._rerun("ingest", "detect") == "detect"
     assert manifest._rerun("ingest", "preprocess") == "detect and preprocess"
     assert manifest._rerun("ingest", "datasheet") == "detect, preprocess and datasheet"
+
+
+def test_stage_runner_contract(store, tmp_path):
+    """answersheet.stage: stale objects go, the manifest is written last with the stage's records, a current
+    stage skips with its old counts, a missing output makes it redo, and a failing setup (detect's model
+    load) leaves the old manifest in place."""
+    road = load_road(write_roads_file(tmp_path / "roads.yaml", store.bucket), "daewang_pangyo")
+    rd = RoadDay(road=road, day=dt.date(2026, 11, 2), store=store)
+    owns, key = f"{PREFIX}toy/out/", f"{PREFIX}toy/manifest.json"
+    store.put(owns + "stale.txt", b"left by an earlier run")
+    calls = []
+
+    def work() -> stage.StageResult:
+        calls.append(store.get_json(key))  # begin ran first: no manifest while the stage works
+        outputs = {owns + n: store.put(owns + n, n.encode()) for n in ("a.txt", "b.txt")}
+        return stage.StageResult(outputs, {"n": 2}, records={"rows": [1, 2]}, summary={"extra": 1})
+
+    toy = stage.Stage("toy", key, "digest-1", owns=owns, summary={"shard": 0})
+    first = stage.run(rd, toy, work)
+    assert first == {"manifest": store.uri(key), "counts": {"n": 2}, "skipped": False, "shard": 0, "extra": 1}
+    assert calls == [None] and sorted(o.key for o in store.list(owns)) == [owns + "a.txt", owns + "b.txt"]
+    committed = store.get_json(key)
+    assert committed["stage"] == "toy" and committed["rows"] == [1, 2] and committed["upstream"] == []
+    assert stage.run(rd, toy, work) == {"manifest": store.uri(key), "counts": {"n": 2}, "skipped": True, "shard": 0}
+    assert len(calls) == 1
+    store.delete([owns + "b.txt"])
+    assert stage.run(rd, toy, work)["skipped"] is False and len(calls) == 2
+
+    @contextlib.contextmanager
+    def broken_setup():
+        raise AnswersheetError("model: not a class of the model")
+        yield
+
+    with pytest.raises(AnswersheetError, match="not a class"):
+        stage.run(rd, stage.Stage("toy", key, "digest-2", owns=owns, setup=broken_setup), lambda ready: None)
+    assert store.get_json(key)["inputs_digest"] == "digest-1"

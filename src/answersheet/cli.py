@@ -20,7 +20,6 @@ from answersheet.errors import AnswersheetError, printable
 
 log = logging.getLogger("answersheet")
 
-STAGES = ("ingest", "detect", "preprocess", "datasheet")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -38,7 +37,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-index", type=int, default=0, help="this pod's shard, 0-based")
     p.add_argument("--shard-count", type=int, default=None, help="number of shards (default: detect.shards)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default=None,
+    from answersheet.config import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="inference backend (default: detect.backend)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: detect.device)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: detect.batch_size)")
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("export-onnx", "pull"):
             print(json.dumps((_export_onnx if args.command == "export-onnx" else _pull)(args)))
             return 0
+        from answersheet.manifest import STAGES
+
         rd = _road_day(args)
         stages = STAGES if args.command == "run" else (args.command,)
         funcs = _stage_functions()

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from answersheet.errors import ConfigError
 
 # ROAD_KEYS and deep_merge are re-exported: bench/, demo and the tests merge roads as the reader does
-from answersheet.roadsfile import ROAD_KEYS, RoadsFileError, check_road, deep_merge, read_roads  # noqa: F401
+from answersheet.roadsfile import ROAD_KEYS, ROAD_SCHEMA, RoadsFileError, check_road, deep_merge, read_roads  # noqa: F401
 
 DEFAULT_CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
+# the detector backends: the schema's enum for detect.backend is their one definition
+BACKENDS: tuple[str, ...] = tuple(ROAD_SCHEMA["properties"]["detect"]["properties"]["backend"]["enum"])
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class DetectSettings:
             "slices": None if self.slices is None else {**asdict(self.slices), "size": list(self.slices.size)},
             "tta": False,  # horizontal-flip TTA is not built (BENCHMARKS.md "Accuracy")
         }
+
+
+DETECT_DEFAULTS = {f.name: f.default for f in fields(DetectSettings) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)

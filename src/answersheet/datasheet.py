@@ -19,9 +19,11 @@ from collections import Counter
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from answersheet import __version__, exports, manifest
+from answersheet import __version__, exports, manifest, stage
 from answersheet.day import RoadDay
 from answersheet.drift import camera_stats, drift
+from answersheet.layout import report_image, sheet_image, sheet_label
+from answersheet.naming import ImageName
 from answersheet.progress import Progress
 from answersheet.report import (
     STATUS_MEANINGS,
@@ -38,9 +40,11 @@ from answersheet.review import (
     merged_predictions_jsonl,
     review_priority,
 )
-from answersheet.storage import run_bounded, sha256_bytes
+from answersheet.storage import S3_WORKERS, run_bounded, sha256_bytes
 
 log = logging.getLogger(__name__)
+
+STAGE = "datasheet"
 
 STATUSES = ("detected", "empty", "not_detected", "missing", "rejected", "failed")
 BASE_COLUMNS = ["set_id", "capture_time", "road", "road_name", "camera", "image", "label", "status", "selected",
@@ -78,10 +82,11 @@ def sheet_rows(rd: RoadDay, pre_rows: list[dict[str, Any]], preds: dict[str, dic
             label_key = None
         rec = preds.get(r["name"]) if status in exports.LABELLED else None
         mean_conf, min_conf = confidence_stats(rec)
+        name = ImageName.in_set(r["set_id"], r["camera"]) if r.get("image_key") or label_key else None
         out.append({
             **r, "status": status, "label_key": label_key,
-            "image": f"images/{r['name']}" if r.get("image_key") else "",
-            "label": f"labels/{r['name'][:-4]}.txt" if label_key else "",
+            "image": sheet_image(name) if name and r.get("image_key") else "",
+            "label": sheet_label(name) if name and label_key else "",
             "capture_time": with_offset(r["capture_time"], road.timezone),
             "mean_conf": mean_conf, "min_conf": min_conf,
             "review_priority": review_priority(status, rec, road.detect.conf_thres, class_thres),
@@ -155,18 +160,19 @@ def sample_sections(rows: list[dict[str, Any]], n: int, cameras: tuple[str, ...]
 
 def datasheet_day(rd: RoadDay) -> dict[str, Any]:
     """Copy images and labels into the answer sheet, write the datasheet, exports and report, commit manifest."""
-    lay, store, road = rd.layout, rd.store, rd.road
-    pre = manifest.require(store, lay.preprocess_manifest, "preprocess")
+    lay, road = rd.layout, rd.road
     shards = road.detect.shards
-    manifest.check_upstream(store, lay.preprocess_manifest, pre, expect=[
+    pre = stage.read_upstream(rd, lay.preprocess_manifest, "preprocess", expect=[
         lay.ingest_manifest, *(lay.detect_manifest(i, shards) for i in range(shards))])
-    digest = manifest.inputs_digest("datasheet", pre["inputs_digest"], pre["outputs_digest"],
-                                    road.digest("datasheet"))
-    done = manifest.current(store, lay.out_manifest, digest, rd.force)
-    if done:
-        return {"manifest": store.uri(lay.out_manifest), "counts": done["counts"], "skipped": True}
-    started = manifest.begin(store, lay.out_manifest)
+    digest = manifest.inputs_digest(STAGE, pre["inputs_digest"], pre["outputs_digest"], road.digest(STAGE))
+    this = stage.Stage(STAGE, lay.out_manifest, digest, upstream={lay.preprocess_manifest: pre}, owns=lay.out_prefix)
+    return stage.run(rd, this, lambda: _publish(rd, pre))
 
+
+def _publish(rd: RoadDay, pre: dict[str, Any]) -> stage.StageResult:
+    """The answer sheet from the preprocess manifest: copies, datasheet.csv, exports, report."""
+    started = time.monotonic()
+    lay, store, road = rd.layout, rd.store, rd.road
     preds = load_predictions(rd)
     rows = sheet_rows(rd, pre["rows"], preds)
     looked = {r["name"] for r in rows if r["status"] in exports.LABELLED}
@@ -182,7 +188,7 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
             copies.append((r["label_key"], lay.out(r["label"])))
             outputs[lay.out(r["label"])] = r["label_sha256"]
     progress = Progress("datasheet copy", len(copies), unit="obj")
-    run_bounded((lambda s=s, d=d: store.copy(s, d) for s, d in copies), road.ingest.workers,
+    run_bounded((lambda s=s, d=d: store.copy(s, d) for s, d in copies), S3_WORKERS,
                 on_done=lambda _: progress.advance())
     progress.finish()
 
@@ -213,21 +219,19 @@ def datasheet_day(rd: RoadDay) -> dict[str, Any]:
     timings = {**pre.get("timings", {}), "preprocess": pre.get("seconds")}
     _put_report(rd, rows, preds, counts, stats, drift_block, pre, timings, put)
 
-    store.delete_stale(lay.out_prefix, set(outputs) | {lay.out_manifest})
     counts["objects"] = len(outputs)
     timings["datasheet"] = round(time.monotonic() - started, 3)
-    manifest.commit(
-        store, lay.out_manifest, "datasheet", digest, outputs, counts, started,
-        upstream=manifest.upstream({lay.preprocess_manifest: pre}),
-        unusable_sets=pre.get("unusable_sets", []), rejections=rejections,
-        road={"id": road.id, "name": road.name, "timezone": road.timezone}, date=rd.day.isoformat(),
-        package_version=__version__, config_digest=road.digest(), model=pre.get("model", {}),
-        short_sets=pre.get("short_sets", {}), short_set_policy=pre.get("policy"),
-        unlabelled_labels=road.unlabelled_labels, timings=timings, camera_stats=stats, drift=drift_block,
-        classes_sha256=sha256_bytes(classes_txt),
+    return stage.StageResult(
+        outputs=outputs, counts=counts, summary={"drift_flags": len(drift_block["flags"])},
+        records=dict(
+            unusable_sets=pre.get("unusable_sets", []), rejections=rejections,
+            road={"id": road.id, "name": road.name, "timezone": road.timezone}, date=rd.day.isoformat(),
+            package_version=__version__, config_digest=road.digest(), model=pre.get("model", {}),
+            short_sets=pre.get("short_sets", {}), short_set_policy=pre.get("policy"),
+            unlabelled_labels=road.unlabelled_labels, timings=timings, camera_stats=stats, drift=drift_block,
+            classes_sha256=sha256_bytes(classes_txt),
+        ),
     )
-    return {"manifest": store.uri(lay.out_manifest), "counts": counts, "skipped": False,
-            "drift_flags": len(drift_block["flags"])}
 
 
 def _model_version(model: dict[str, Any]) -> str:
@@ -282,11 +286,11 @@ def _put_report(rd: RoadDay, rows: list[dict[str, Any]], preds: dict[str, dict[s
             continue
         jpeg = rd.store.get(r["image_key"])
         boxes = (preds.get(r["name"]) or {}).get("boxes", [])
-        stem = r["name"][:-4]
-        thumb = draw_boxes(jpeg, boxes, width=THUMB_WIDTH, font_px=THUMB_FONT_PX)
-        put(f"report/thumbs/{stem}.jpg", thumb, "image/jpeg")
-        put(f"report/full/{stem}.jpg", draw_boxes(jpeg, boxes), "image/jpeg")
-        drawn[r["name"]] = {**r, "thumb": f"report/thumbs/{stem}.jpg", "full": f"report/full/{stem}.jpg"}
+        name = ImageName.in_set(r["set_id"], r["camera"])
+        thumb, full = report_image("thumbs", name), report_image("full", name)
+        put(thumb, draw_boxes(jpeg, boxes, width=THUMB_WIDTH, font_px=THUMB_FONT_PX), "image/jpeg")
+        put(full, draw_boxes(jpeg, boxes), "image/jpeg")
+        drawn[r["name"]] = {**r, "thumb": thumb, "full": full}
 
     cams = []
     for cam in road.cameras:

@@ -26,7 +26,9 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +43,8 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from answersheet import manifest
-from answersheet.config import DetectSettings
+from answersheet import manifest, stage
+from answersheet.config import BACKENDS, DetectSettings
 from answersheet.day import RoadDay
 from answersheet.detector import CPUS, Backend, BatchTooLarge, open_backend
 from answersheet.detector import resolve_backend as resolve_engine  # noqa: F401 - detect_day's name for it
@@ -50,6 +52,8 @@ from answersheet.detector.onnx_export import export_settings_hash
 from answersheet.detector.postprocess import RoadClasses, candidates, detections, image_boxes
 from answersheet.detector.preprocess import BadImage, Prepared, prepare
 from answersheet.errors import AnswersheetError, printable
+from answersheet.layout import LABEL_SUFFIX, DayLayout
+from answersheet.naming import ImageName
 from answersheet.progress import Progress
 from answersheet.storage import Store, sha256_bytes
 
@@ -405,10 +409,6 @@ class ShardRun:
                 raise
 
 
-def _result(rd: RoadDay, key: str, counts: dict, skipped: bool, shard: int, shards: int) -> dict:
-    return {"manifest": rd.store.uri(key), "counts": counts, "skipped": skipped, "shard": shard, "shards": shards}
-
-
 def detect_day(
     rd: RoadDay, shard_index: int = 0, shard_count: int | None = None, backend: str | None = None,
     device: str | None = None, batch_size: int | None = None,
@@ -421,13 +421,13 @@ def detect_day(
         raise AnswersheetError(f"--shard-index {shard_index} / --shard-count {shard_count}: "
                                "need 0 <= shard index < shard count")
     backend = backend or settings.backend
-    if backend not in ("auto", "torch", "onnx"):
-        raise AnswersheetError(f"--backend {backend!r}: must be auto, torch or onnx")
+    if backend not in BACKENDS:
+        raise AnswersheetError(f"--backend {backend!r}: must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     batch_size = batch_size or settings.batch_size
     if batch_size < 1:
         raise AnswersheetError(f"--batch-size {batch_size}: must be >= 1")
     key = layout.detect_manifest(shard_index, shard_count)
-    ingest = manifest.require(store, layout.ingest_manifest, "ingest")
+    ingest = stage.read_upstream(rd, layout.ingest_manifest, "ingest")
     selected, mine = shard_images(ingest, shard_index, shard_count)
 
     backend, device = resolve_engine(backend, device or settings.device)
@@ -437,26 +437,32 @@ def detect_day(
                     if backend == "onnx" else None]
     digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(STAGE), model_digest,
                                     shard_index, shard_count, backend, device.split(":")[0])
-    existing = manifest.current(store, key, digest, rd.force)
-    if existing is not None and any(f.get("retryable") for f in existing.get("failed", [])):
-        log.info("detect: %s lists images whose reads kept failing in transit: redoing the shard", store.uri(key))
-        existing = None
-    if existing is not None:
-        return _result(rd, key, existing.get("counts", {}), True, shard_index, shard_count)
 
-    with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
-        engine = load_engine(settings, backend, device, scratch, store)
-        from answersheet.postprocess import resolve_classes
+    def retry_failed_reads(existing: dict) -> bool:
+        if any(f.get("retryable") for f in existing.get("failed", [])):
+            log.info("detect: %s lists images whose reads kept failing in transit: redoing the shard", store.uri(key))
+            return True
+        return False
 
-        classes = resolve_classes(rd.road.id, rd.road.classes, settings, engine.names,
-                                  settings.onnx if backend == "onnx" and settings.onnx else settings.weights)
-        from answersheet.inference import check_imgsz
+    @contextmanager
+    def engine_ready() -> Iterator[tuple[Engine, Any, int]]:
+        """The model loaded and checked against the road's classes: before the manifest is deleted."""
+        with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
+            engine = load_engine(settings, backend, device, scratch, store)
+            from answersheet.detector.postprocess import resolve_classes
 
-        imgsz = check_imgsz(settings.imgsz, engine.stride)
-        log.info("detect: shard %d/%d: %d of %d selected image(s); backend %s on %s (%s), batch %d, imgsz %d",
-                 shard_index, shard_count, len(mine), len(selected), backend, device,
-                 ",".join(engine.model["providers"]), batch_size, imgsz)
-        started = manifest.begin(store, key)
+            classes = resolve_classes(rd.road.id, rd.road.classes, settings, engine.names,
+                                      settings.onnx if backend == "onnx" and settings.onnx else settings.weights)
+            from answersheet.detector.preprocess import check_imgsz
+
+            imgsz = check_imgsz(settings.imgsz, engine.stride)
+            log.info("detect: shard %d/%d: %d of %d selected image(s); backend %s on %s (%s), batch %d, imgsz %d",
+                     shard_index, shard_count, len(mine), len(selected), backend, device,
+                     ",".join(engine.model["providers"]), batch_size, imgsz)
+            yield engine, classes, imgsz
+
+    def work(ready: tuple[Engine, Any, int]) -> stage.StageResult:
+        engine, classes, imgsz = ready
         progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
         run = ShardRun(store=store, engine=engine, settings=settings, labels_prefix=layout.detect_labels,
                        batch_size=batch_size, imgsz=imgsz, progress=progress, classes=classes)
@@ -465,46 +471,52 @@ def detect_day(
         run.run(mine, readers, streams=engine.streams)
         progress.finish()
 
-    from answersheet.postprocess import predictions_jsonl
+        from answersheet.detector.postprocess import predictions_jsonl
 
-    predictions_key = layout.detect_predictions(shard_index, shard_count)
-    run.outputs[predictions_key] = store.put(predictions_key, predictions_jsonl(run.records), "application/x-ndjson")
-    _delete_stale_labels(store, layout.detect_labels, run.outputs, {i["name"] for i in mine},
-                         {i["name"] for i in selected}, owns_orphans=shard_index == 0)
-    counts = {
-        "images": len(mine),
-        "labelled": sum(1 for r in run.images.values() if r["label"]),
-        "empty": sum(1 for r in run.images.values() if not r["label"]),
-        "boxes": sum(r["boxes"] for r in run.images.values()),
-        "failed": len(run.failed),
-        "retries": sum(run.retries.values()),  # extra GETs of images whose body was cut short or corrupt
-    }
-    model = {**engine.model, **settings.settings(), "imgsz": imgsz, "batch_size": run.batch_size,
-             "classes": list(classes.names), "predictions": predictions_key}
-    manifest.commit(
-        store, key, STAGE, digest, run.outputs, counts, started, shard=shard_index, shards=shard_count,
-        upstream=manifest.upstream({layout.ingest_manifest: ingest}),
-        model=model, images=dict(sorted(run.images.items())), failed=sorted(run.failed, key=lambda f: f["name"]),
-        retries=dict(sorted(run.retries.items())),
-    )
-    if run.failed:
-        log.warning("detect: %d image(s) failed (listed in the manifest), e.g. %s: %s",
-                    len(run.failed), run.failed[0]["name"], run.failed[0]["reason"])
-    return _result(rd, key, counts, False, shard_index, shard_count)
+        predictions_key = layout.detect_predictions(shard_index, shard_count)
+        run.outputs[predictions_key] = store.put(predictions_key, predictions_jsonl(run.records),
+                                                 "application/x-ndjson")
+        counts = {
+            "images": len(mine),
+            "labelled": sum(1 for r in run.images.values() if r["label"]),
+            "empty": sum(1 for r in run.images.values() if not r["label"]),
+            "boxes": sum(r["boxes"] for r in run.images.values()),
+            "failed": len(run.failed),
+            "retries": sum(run.retries.values()),  # extra GETs of images whose body was cut short or corrupt
+        }
+        model = {**engine.model, **settings.settings(), "imgsz": imgsz, "batch_size": run.batch_size,
+                 "classes": list(classes.names), "predictions": predictions_key}
+        if run.failed:
+            log.warning("detect: %d image(s) failed (listed in the manifest), e.g. %s: %s",
+                        len(run.failed), run.failed[0]["name"], run.failed[0]["reason"])
+        return stage.StageResult(run.outputs, counts, records=dict(
+            shard=shard_index, shards=shard_count, model=model, images=dict(sorted(run.images.items())),
+            failed=sorted(run.failed, key=lambda f: f["name"]), retries=dict(sorted(run.retries.items()))))
+
+    def clean(outputs: dict[str, str]) -> int:
+        return _delete_stale_labels(store, layout, outputs, mine, selected, owns_orphans=shard_index == 0)
+
+    this = stage.Stage(STAGE, key, digest, upstream={layout.ingest_manifest: ingest}, clean=clean,
+                       redo=retry_failed_reads, setup=engine_ready,
+                       summary={"shard": shard_index, "shards": shard_count})
+    return stage.run(rd, this, work)
 
 
-def _delete_stale_labels(store: Store, prefix: str, keep: dict[str, str], mine: set[str], selected: set[str],
-                         owns_orphans: bool) -> int:
+def _delete_stale_labels(store: Store, layout: DayLayout, keep: dict[str, str], mine: list[dict],
+                         selected: list[dict], owns_orphans: bool) -> int:
     """Remove label files of this shard's images that this run did not write (and, for shard 0,
     labels of images that are no longer selected at all)."""
+    def label(image: dict) -> str:
+        return layout.detect_label(ImageName.in_set(image["set_id"], image["camera"]))
+
+    mine_labels, selected_labels = {label(i) for i in mine}, {label(i) for i in selected}
     stale = []
-    for obj in store.list(prefix):
-        if obj.key in keep or not obj.key.endswith(".txt"):
+    for obj in store.list(layout.detect_labels):
+        if obj.key in keep or not obj.key.endswith(LABEL_SUFFIX):
             continue
-        name = obj.key[len(prefix) : -len(".txt")] + ".jpg"
-        if name in mine or (owns_orphans and name not in selected):
+        if obj.key in mine_labels or (owns_orphans and obj.key not in selected_labels):
             stale.append(obj.key)
     if stale:
-        log.info("detect: removing %d stale label(s) under %s", len(stale), store.uri(prefix))
+        log.info("detect: removing %d stale label(s) under %s", len(stale), store.uri(layout.detect_labels))
         store.delete(stale)
     return len(stale)

@@ -32,13 +32,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from answersheet import manifest
+from answersheet import manifest, stage
 from answersheet.config import IngestLimits
 from answersheet.day import RoadDay
 from answersheet.errors import AnswersheetError, printable
 from answersheet.jpeg import BadJpeg, check_jpeg
+from answersheet.layout import DayLayout
 from answersheet.naming import BadImageName, ImageName, parse_image_name
 from answersheet.progress import Progress
+from answersheet.records import ImageRecord
 from answersheet.storage import ObjectInfo, Store, run_bounded
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,13 @@ class _DayRun:
     upload task settles its _Claim under `settled`)."""
 
     store: Store
-    images_prefix: str
+    layout: DayLayout
     selected_cameras: tuple[str, ...]
     members: int = 0
     identical_duplicates: int = 0
     rejections: list[dict] = dataclasses.field(default_factory=list)
     reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # one string object per distinct reason
-    images: dict[str, dict] = dataclasses.field(default_factory=dict)  # filename -> manifest entry
+    images: dict[str, ImageRecord] = dataclasses.field(default_factory=dict)  # filename -> manifest entry
     claims: dict[str, _Claim] = dataclasses.field(default_factory=dict)  # filename -> its copies' claim
     settled: threading.Condition = dataclasses.field(default_factory=threading.Condition)  # a claim was judged
 
@@ -282,7 +284,7 @@ def _upload_task(run: _DayRun, image: _Image, data: bytes, claim: _Claim) -> Cal
         try:
             problem = _jpeg_problem(data)
             if problem is None:
-                run.store.put(run.images_prefix + image.name.filename, data, "image/jpeg")
+                run.store.put(run.layout.ingest_image(image.name), data, "image/jpeg")
                 won = True
             return image, problem
         finally:
@@ -301,11 +303,8 @@ def _on_uploaded(run: _DayRun) -> Callable[[tuple], None]:
             run.reject(image.archive, image.member, BAD_JPEG, problem)
             return
         name = image.name
-        run.images[name.filename] = {
-            "name": name.filename, "key": run.images_prefix + name.filename, "sha256": image.sha256,
-            "size": image.size, "set_id": name.set_id, "camera": name.camera, "capture_time": name.capture_time,
-            "selected": name.camera in run.selected_cameras, "archive": image.archive,
-        }
+        run.images[name.filename] = ImageRecord.of(name, run.layout.ingest_image(name), image.sha256, image.size,
+                                                   name.camera in run.selected_cameras, image.archive)
 
     return done
 
@@ -405,27 +404,25 @@ def _summary(run: _DayRun, limit: int = 3) -> str:
     return f"{len(run.rejections)} rejection(s): {shown}{more}" if run.rejections else "no members at all"
 
 
-def _result(rd: RoadDay, counts: dict, skipped: bool) -> dict:
-    return {"manifest": rd.store.uri(rd.layout.ingest_manifest), "counts": counts, "skipped": skipped}
-
-
 def ingest_day(rd: RoadDay) -> dict:
     """Unzip the day's archives into work/…/ingest/images/ and commit the ingest manifest."""
     layout, store = rd.layout, rd.store
     objects = store.list(layout.raw_prefix)
     if not objects:
         raise AnswersheetError(f"missing day: no archives under {store.uri(layout.raw_prefix)}")
-    archives = [o for o in objects if o.key.lower().endswith(".zip")]
     limits = {k: v for k, v in dataclasses.asdict(rd.road.ingest).items() if k != "workers"}
     digest = manifest.inputs_digest(
         STAGE, [[o.key, o.etag, o.size] for o in objects], rd.road.digest(STAGE), limits
     )
-    existing = manifest.current(store, layout.ingest_manifest, digest, rd.force)
-    if existing is not None:
-        return _result(rd, existing.get("counts", {}), skipped=True)
+    this = stage.Stage(STAGE, layout.ingest_manifest, digest, owns=layout.ingest_images)
+    return stage.run(rd, this, lambda: _ingest(rd, this, objects))
 
-    started = manifest.begin(store, layout.ingest_manifest)
-    run = _DayRun(store=store, images_prefix=layout.ingest_images, selected_cameras=rd.road.detect.cameras)
+
+def _ingest(rd: RoadDay, this: stage.Stage, objects: list[ObjectInfo]) -> stage.StageResult:
+    """Every archive's good members into images/; rejections (and their kinds) for the rest."""
+    layout, store = rd.layout, rd.store
+    archives = [o for o in objects if o.key.lower().endswith(".zip")]
+    run = _DayRun(store=store, layout=layout, selected_cameras=rd.road.detect.cameras)
     archive_keys = {a.key for a in archives}
     for obj in objects:
         if obj.key not in archive_keys:
@@ -438,7 +435,7 @@ def ingest_day(rd: RoadDay) -> dict:
     run_bounded(tasks(), rd.road.ingest.workers, _on_uploaded(run))
 
     if not run.images:
-        stale = store.delete_stale(layout.ingest_images, set())
+        stale = stage.remove_stale(store, this, {})
         raise AnswersheetError(
             f"{store.uri(layout.raw_prefix)}: no valid image in {len(archives)} archive(s)"
             f" ({len(objects)} object(s)); {_summary(run)}"
@@ -446,20 +443,18 @@ def ingest_day(rd: RoadDay) -> dict:
         )
 
     images = [run.images[n] for n in sorted(run.images)]
-    store.delete_stale(layout.ingest_images, {e["key"] for e in images})
     run.rejections.sort(key=lambda r: (r["object"], r["member"] or ""))
     counts = {
         "archives": len(archives),
         "members": run.members,
         "images": len(images),
-        "selected": sum(e["selected"] for e in images),
+        "selected": sum(e.selected for e in images),
         "rejected": len(run.rejections),
     }
-    manifest.commit(
-        store, layout.ingest_manifest, STAGE, digest, {e["key"]: e["sha256"] for e in images}, counts, started,
-        images=images, rejections=run.rejections,
-        rejection_counts=dict(sorted(Counter(r["kind"] for r in run.rejections).items())),
-        identical_duplicates=run.identical_duplicates,
-        archives=[{"key": a.key, "etag": a.etag, "size": a.size} for a in archives],
+    return stage.StageResult(
+        outputs={e.key: e.sha256 for e in images}, counts=counts,
+        records={"images": [e.json() for e in images], "rejections": run.rejections,
+                 "rejection_counts": dict(sorted(Counter(r["kind"] for r in run.rejections).items())),
+                 "identical_duplicates": run.identical_duplicates,
+                 "archives": [{"key": a.key, "etag": a.etag, "size": a.size} for a in archives]},
     )
-    return _result(rd, counts, skipped=False)

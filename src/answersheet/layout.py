@@ -5,6 +5,34 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from answersheet.naming import ImageName
+
+# Inside the answer sheet (paths relative to its root: the datasheet, exports and report refer to each other
+# by these, so a pulled sheet resolves them next to the CSV).
+SHEET_IMAGES = "images/"
+SHEET_LABELS = "labels/"
+LABEL_SUFFIX = ".txt"
+
+
+def label_file(name: ImageName) -> str:
+    """A label file's name: the image's stem + `.txt` (YOLO pairs them by stem)."""
+    return f"{name.stem}{LABEL_SUFFIX}"
+
+
+def sheet_image(name: ImageName) -> str:
+    """An image's path in the answer sheet."""
+    return f"{SHEET_IMAGES}{name.filename}"
+
+
+def sheet_label(name: ImageName) -> str:
+    """An image's label file's path in the answer sheet."""
+    return f"{SHEET_LABELS}{label_file(name)}"
+
+
+def report_image(kind: str, name: ImageName) -> str:
+    """A drawn copy of an image for the report (`thumbs` or `full`)."""
+    return f"report/{kind}/{name.stem}.jpg"
+
 
 @dataclass(frozen=True)
 class DayLayout:
@@ -31,6 +59,9 @@ class DayLayout:
     def ingest_images(self) -> str:
         return f"{self.work_prefix}ingest/images/"
 
+    def ingest_image(self, name: ImageName) -> str:
+        return f"{self.ingest_images}{name.filename}"
+
     @property
     def ingest_manifest(self) -> str:
         return f"{self.work_prefix}ingest/manifest.json"
@@ -38,6 +69,9 @@ class DayLayout:
     @property
     def detect_labels(self) -> str:
         return f"{self.work_prefix}detect/labels/"
+
+    def detect_label(self, name: ImageName) -> str:
+        return f"{self.detect_labels}{label_file(name)}"
 
     def detect_manifest(self, shard: int, shards: int) -> str:
         return f"{self.work_prefix}detect/manifest-{shard:03d}-of-{shards:03d}.json"
@@ -50,6 +84,10 @@ class DayLayout:
     def preprocess_labels(self) -> str:
         return f"{self.work_prefix}preprocess/labels/"
 
+    def preprocess_label(self, name: ImageName) -> str:
+        """An empty label (the detector looked and found nothing) or a short set's placeholder."""
+        return f"{self.preprocess_labels}{label_file(name)}"
+
     @property
     def preprocess_manifest(self) -> str:
         return f"{self.work_prefix}preprocess/manifest.json"
@@ -61,11 +99,11 @@ class DayLayout:
 
     @property
     def out_images(self) -> str:
-        return f"{self.out_prefix}images/"
+        return f"{self.out_prefix}{SHEET_IMAGES}"
 
     @property
     def out_labels(self) -> str:
-        return f"{self.out_prefix}labels/"
+        return f"{self.out_prefix}{SHEET_LABELS}"
 
     @property
     def out_manifest(self) -> str:

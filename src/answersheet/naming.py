@@ -34,11 +34,28 @@ class ImageName:
 
     @property
     def filename(self) -> str:
-        return f"{self.set_id}_{self.camera}.jpg"
+        return f"{self.stem}.jpg"
 
     @property
     def stem(self) -> str:
+        """The file name without `.jpg`: label files and report images are named `<stem>.txt`/`.jpg`."""
         return f"{self.set_id}_{self.camera}"
+
+    @classmethod
+    def parse(cls, filename: str) -> ImageName:
+        """The parts of a file name that follows the scheme (no road/day/camera check: for names an
+        earlier stage accepted); BadImageName otherwise."""
+        m = _NAME_RE.fullmatch(filename)  # not match(): `$` also matches before a trailing newline
+        if not m:
+            raise BadImageName("name does not match <road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg", filename)
+        return cls(m["road"], m["date"], m["time"], m["cam"])
+
+    @classmethod
+    def in_set(cls, set_id: str, camera: str) -> ImageName:
+        """Camera `camera`'s image of set `set_id` (a short set's missing camera has a name, not an image).
+        Split from the right, like every name: road ids may hold `_`."""
+        road, date, time = set_id.rsplit("_", 2)
+        return cls(road, date, time, camera)
 
     @property
     def capture_time(self) -> str:
@@ -47,17 +64,9 @@ class ImageName:
         return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}"
 
 
-def set_filename(set_id: str, camera: str) -> str:
-    """File name of camera `camera` in set `set_id`."""
-    return f"{set_id}_{camera}.jpg"
-
-
 def parse_image_name(filename: str, road: str, day: dt.date, cameras: tuple[str, ...]) -> ImageName:
     """Parse a base file name and check it belongs to this road, day and camera list."""
-    m = _NAME_RE.fullmatch(filename)  # not match(): `$` also matches before a trailing newline
-    if not m:
-        raise BadImageName("name does not match <road>_<YYYYMMDD>_<HHMMSS>_<cam>.jpg", filename)
-    name = ImageName(m["road"], m["date"], m["time"], m["cam"])
+    name = ImageName.parse(filename)
     if name.road != road:
         raise BadImageName(f"image of another road ({name.road!r}, expected {road!r})", filename)
     if name.date != day.strftime("%Y%m%d"):

@@ -15,14 +15,16 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
-from answersheet import manifest
+from answersheet import manifest, stage
 from answersheet.day import RoadDay
 from answersheet.errors import AnswersheetError
-from answersheet.naming import BadImageName, parse_image_name, set_filename
-from answersheet.storage import run_bounded, sha256_bytes
+from answersheet.naming import BadImageName, ImageName, parse_image_name
+from answersheet.records import DetectionRecord, ImageRecord, SheetRow
+from answersheet.storage import S3_WORKERS, run_bounded, sha256_bytes
 
 log = logging.getLogger(__name__)
 
+STAGE = "preprocess"
 EMPTY_SHA256 = sha256_bytes(b"")
 REJECTIONS_LISTED = 50  # ingest rejections shown one by one (manifest rows, datasheet, report)
 _QUOTED_RE = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -55,7 +57,7 @@ def _detect_manifests(rd: RoadDay) -> dict[str, dict]:
     return {k: found[k] for k in keys}
 
 
-def _rejected_row(rd: RoadDay, rej: dict, sets: set[str]) -> dict[str, Any]:
+def _rejected_row(rd: RoadDay, rej: dict, sets: set[str]) -> SheetRow:
     """A datasheet row for a member rejected at ingest; it names a set only if accepted images made one."""
     member = rej.get("member") or ""
     base = member.replace("\\", "/").rsplit("/", 1)[-1]
@@ -66,40 +68,66 @@ def _rejected_row(rd: RoadDay, rej: dict, sets: set[str]) -> dict[str, Any]:
             set_id, camera, when = name.set_id, name.camera, name.capture_time
     except BadImageName:
         pass
-    return {
-        "name": base or rej["object"].rsplit("/", 1)[-1], "set_id": set_id, "camera": camera,
-        "capture_time": when, "status": "rejected", "selected": False, "image_key": None, "image_sha256": None,
-        "label_key": None, "label_sha256": None, "boxes": 0, "per_class": {},
-        "note": f"{rej['object']}{'!' + member if member else ''}: {rej['reason']}",
-    }
+    return SheetRow(name=base or rej["object"].rsplit("/", 1)[-1], set_id=set_id, camera=camera,
+                    capture_time=when, status="rejected", selected=False,
+                    note=f"{rej['object']}{'!' + member if member else ''}: {rej['reason']}")
 
 
 def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     """Pair images and labels, write empty labels, apply the short-set policy; returns counts."""
-    lay, store, road = rd.layout, rd.store, rd.road
-    ingest = manifest.require(store, lay.ingest_manifest, "ingest")
+    lay, road = rd.layout, rd.road
+    ingest = stage.read_upstream(rd, lay.ingest_manifest, "ingest")
     detect_by_key = _detect_manifests(rd)
-    for key, d in detect_by_key.items():  # the digest chain: labels of the images ingest holds now
-        manifest.check_upstream(store, key, d, expect=[lay.ingest_manifest], known={lay.ingest_manifest: ingest})
+    # the digest chain: labels of the images ingest holds now
+    stage.check_chain(rd.store, detect_by_key, expect=[lay.ingest_manifest], known={lay.ingest_manifest: ingest})
     detects = list(detect_by_key.values())
     digest = manifest.inputs_digest(
-        "preprocess", ingest["outputs_digest"], ingest.get("inputs_digest"), [d["outputs_digest"] for d in detects],
-        [d.get("inputs_digest") for d in detects], road.digest("preprocess"), REJECTIONS_LISTED,
+        STAGE, ingest["outputs_digest"], ingest.get("inputs_digest"), [d["outputs_digest"] for d in detects],
+        [d.get("inputs_digest") for d in detects], road.digest(STAGE), REJECTIONS_LISTED,
     )
-    done = manifest.current(store, lay.preprocess_manifest, digest, rd.force)
-    if done:
-        return {"manifest": store.uri(lay.preprocess_manifest), "counts": done["counts"], "skipped": True}
-    started = manifest.begin(store, lay.preprocess_manifest)
+    this = stage.Stage(STAGE, lay.preprocess_manifest, digest, upstream={lay.ingest_manifest: ingest, **detect_by_key},
+                       owns=lay.preprocess_labels)
+    return stage.run(rd, this, lambda: _preprocess(rd, ingest, detects))
 
+
+def _image_row(rd: RoadDay, img: ImageRecord, det: DetectionRecord | None, failure: str | None,
+               detects: list[dict], listed_labels: set[str]) -> SheetRow:
+    """The row of an accepted image: failed in detect, detected, not sent to the detector, or empty (its
+    label_key then names the empty label this stage writes)."""
+    row = SheetRow(name=img.name, set_id=img.set_id, camera=img.camera, capture_time=img.capture_time,
+                   status="", selected=img.selected, image_key=img.key, image_sha256=img.sha256)
+    if failure is not None:
+        row.status, row.image_key, row.image_sha256, row.note = "failed", None, None, f"detect: {failure}"
+    elif det and det.label:
+        if det.label not in listed_labels:
+            raise AnswersheetError(f"{rd.store.uri(det.label)}: in the detect manifest but missing from S3")
+        shard_outputs = next(d["outputs"] for d in detects if det.label in d["outputs"])
+        row.status, row.label_key, row.label_sha256 = "detected", det.label, shard_outputs[det.label]
+        row.boxes, row.per_class = det.boxes, det.per_class
+    elif not img.selected:
+        # Never looked at: no label file, since an empty one means "no objects" to every YOLO trainer.
+        # `unlabelled_labels: empty` opts in to the old empty files.
+        row.status, row.note = "not_detected", "camera not sent to the detector"
+        if rd.road.unlabelled_labels == "empty":
+            row.label_key, row.label_sha256 = rd.layout.preprocess_label(img.image_name), EMPTY_SHA256
+            row.note += " (empty label by config)"
+    else:
+        row.status, row.label_key, row.label_sha256 = "empty", rd.layout.preprocess_label(img.image_name), EMPTY_SHA256
+    return row
+
+
+def _preprocess(rd: RoadDay, ingest: dict[str, Any], detects: list[dict[str, Any]]) -> stage.StageResult:
+    lay, store, road = rd.layout, rd.store, rd.road
     # Image list vs label list: one paginated listing each, no per-object HEADs.
     listed_images = {o.key for o in store.list(lay.ingest_images)}
     listed_labels = {o.key for o in store.list(lay.detect_labels)}
-    detected: dict[str, dict] = {}
+    detected: dict[str, DetectionRecord] = {}
     failed: dict[str, str] = {}
     for d in detects:
-        detected.update(d["images"])
+        detected.update((name, DetectionRecord.from_json(rec)) for name, rec in d["images"].items())
         failed.update({f["name"]: f["reason"] for f in d.get("failed", [])})
-    selected = {img["name"] for img in ingest["images"] if img["selected"]}
+    images = [ImageRecord.from_json(img) for img in ingest["images"]]
+    selected = {img.name for img in images if img.selected}
     if set(detected) | set(failed) != selected:
         stray = sorted((set(detected) | set(failed)) ^ selected)[:5]
         raise AnswersheetError(
@@ -107,54 +135,25 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
             f"(e.g. {stray}); re-run detect for this day"
         )
 
-    rows: list[dict[str, Any]] = []
-    empty_labels: list[str] = []
-    for img in ingest["images"]:
-        if img["key"] not in listed_images:
-            raise AnswersheetError(f"{store.uri(img['key'])}: listed in the ingest manifest but missing from S3")
-        stem = img["name"][: -len(".jpg")]
-        row = {
-            "name": img["name"], "set_id": img["set_id"], "camera": img["camera"],
-            "capture_time": img["capture_time"], "selected": img["selected"], "image_key": img["key"],
-            "image_sha256": img["sha256"], "boxes": 0, "per_class": {}, "note": "",
-        }
-        det = detected.get(img["name"])
-        if img["name"] in failed:
-            row.update(status="failed", image_key=None, image_sha256=None, label_key=None, label_sha256=None,
-                       note=f"detect: {failed[img['name']]}")
-        elif det and det.get("label"):
-            if det["label"] not in listed_labels:
-                raise AnswersheetError(f"{store.uri(det['label'])}: in the detect manifest but missing from S3")
-            shard_outputs = next(d["outputs"] for d in detects if det["label"] in d["outputs"])
-            row.update(status="detected", label_key=det["label"], label_sha256=shard_outputs[det["label"]],
-                       boxes=det["boxes"], per_class=det.get("per_class", {}))
-        elif not img["selected"]:
-            # Never looked at: no label file, since an empty one means "no objects" to every YOLO trainer.
-            # `unlabelled_labels: empty` opts in to the old empty files.
-            row.update(status="not_detected", label_key=None, label_sha256=None,
-                       note="camera not sent to the detector")
-            if road.unlabelled_labels == "empty":
-                key = f"{lay.preprocess_labels}{stem}.txt"
-                empty_labels.append(key)
-                row.update(label_key=key, label_sha256=EMPTY_SHA256, note=row["note"] + " (empty label by config)")
-        else:
-            key = f"{lay.preprocess_labels}{stem}.txt"
-            empty_labels.append(key)
-            row.update(status="empty", label_key=key, label_sha256=EMPTY_SHA256)
-        rows.append(row)
+    rows: list[SheetRow] = []
+    for img in images:
+        if img.key not in listed_images:
+            raise AnswersheetError(f"{store.uri(img.key)}: listed in the ingest manifest but missing from S3")
+        rows.append(_image_row(rd, img, detected.get(img.name), failed.get(img.name), detects, listed_labels))
+    empty_labels = [r.label_key for r in rows if r.label_key and r.status != "detected"]  # this stage writes them
 
     # Sets: defined by accepted images only; each needs one usable image per expected camera.
     usable: dict[str, set[str]] = defaultdict(set)
     for row in rows:
-        usable.setdefault(row["set_id"], set())
-        if row["status"] not in ("rejected", "failed"):
-            usable[row["set_id"]].add(row["camera"])
+        usable.setdefault(row.set_id, set())
+        if row.status not in ("rejected", "failed"):
+            usable[row.set_id].add(row.camera)
     unusable = sorted(s for s, cams in usable.items() if not cams)
     short = {s: [c for c in road.cameras if c not in cams] for s, cams in sorted(usable.items()) if cams}
     short = {s: missing for s, missing in short.items() if missing}
     for row in rows:
-        if row["set_id"] in unusable:
-            row["note"] += " (set has no usable image: reported, not filled)"
+        if row.set_id in unusable:
+            row.note += " (set has no usable image: reported, not filled)"
     if (short or unusable) and road.short_set_policy == "fail":
         listed = "; ".join([f"{s} has no usable image" for s in unusable[:10]]
                            + [f"{s} missing {m}" for s, m in list(short.items())[:10]])
@@ -181,49 +180,41 @@ def preprocess_day(rd: RoadDay) -> dict[str, Any]:
     }
 
     for set_id, missing in short.items():
-        hhmmss = set_id.rsplit("_", 1)[-1]
         for cam in missing:
-            name = set_filename(set_id, cam)
-            row = {
-                "name": name, "set_id": set_id, "camera": cam,
-                "capture_time": f"{rd.day.isoformat()}T{hhmmss[:2]}:{hhmmss[2:4]}:{hhmmss[4:]}",
-                "status": "missing", "selected": cam in road.detect.cameras, "image_key": None,
-                "image_sha256": None, "label_key": None, "label_sha256": None, "boxes": 0, "per_class": {},
-                "note": f"short set: no usable {cam} image",
-            }
+            name = ImageName.in_set(set_id, cam)
+            row = SheetRow(name=name.filename, set_id=set_id, camera=cam, capture_time=name.capture_time,
+                           status="missing", selected=cam in road.detect.cameras,
+                           note=f"short set: no usable {cam} image")
             if road.short_set_policy == "fill":
-                row.update(label_key=f"{lay.preprocess_labels}{name[:-4]}.txt", label_sha256=EMPTY_SHA256,
-                           note=row["note"] + " (placeholder label)")
-                empty_labels.append(row["label_key"])
+                row.label_key, row.label_sha256 = lay.preprocess_label(name), EMPTY_SHA256
+                row.note += " (placeholder label)"
+                empty_labels.append(row.label_key)
             rows.append(row)
 
     cam_order = {c: i for i, c in enumerate(road.cameras)}
-    rows.sort(key=lambda r: (r["set_id"], cam_order.get(r["camera"], 99), r["name"], r["status"]))
+    rows.sort(key=lambda r: (r.set_id, cam_order.get(r.camera, 99), r.name, r.status))
 
-    run_bounded((lambda k=k: store.put(k, b"", "text/plain") for k in empty_labels), road.ingest.workers)
-    store.delete_stale(lay.preprocess_labels, set(empty_labels))
+    run_bounded((lambda k=k: store.put(k, b"", "text/plain") for k in empty_labels), S3_WORKERS)
 
     per_class: dict[str, int] = defaultdict(int)
     for row in rows:
-        for cls, n in row["per_class"].items():
+        for cls, n in row.per_class.items():
             per_class[cls] += n
-    status_counts = {s: sum(r["status"] == s for r in rows) for s in ("detected", "empty", "not_detected", "missing")}
+    status_counts = {s: sum(r.status == s for r in rows) for s in ("detected", "empty", "not_detected", "missing")}
     counts = {
-        "images": sum(r["image_key"] is not None for r in rows), **status_counts,
+        "images": sum(r.image_key is not None for r in rows), **status_counts,
         "rejected": rejections["ingest"], "failed": rejections["detect"],
         "sets": len(usable), "short_sets": len(short), "unusable_sets": len(unusable),
-        "boxes": sum(r["boxes"] for r in rows),
+        "boxes": sum(r.boxes for r in rows),
         "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
     }
-    manifest.commit(
-        store, lay.preprocess_manifest, "preprocess", digest, {k: EMPTY_SHA256 for k in empty_labels}, counts,
-        started, upstream=manifest.upstream({lay.ingest_manifest: ingest, **detect_by_key}), rows=rows,
-        short_sets=short, unusable_sets=unusable, rejections=rejections, policy=road.short_set_policy,
-        model=detects[0].get("model", {}),
-        timings={"ingest": ingest.get("seconds"), "detect": max((d.get("seconds") or 0) for d in detects)},
-    )
     log.info("preprocess: %d images, %d detected, %d empty, %d short set(s), %d set(s) without a usable image, "
              "%d rejection(s) (policy %s)", counts["images"], counts["detected"], counts["empty"],
              counts["short_sets"], len(unusable), rejections["total"], road.short_set_policy)
-    return {"manifest": store.uri(lay.preprocess_manifest), "counts": counts, "skipped": False}
-
+    return stage.StageResult(
+        outputs={k: EMPTY_SHA256 for k in empty_labels}, counts=counts,
+        records={"rows": [r.json() for r in rows], "short_sets": short, "unusable_sets": unusable,
+                 "rejections": rejections, "policy": road.short_set_policy, "model": detects[0].get("model", {}),
+                 "timings": {"ingest": ingest.get("seconds"),
+                             "detect": max((d.get("seconds") or 0) for d in detects)}},
+    )

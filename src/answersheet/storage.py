@@ -189,6 +189,12 @@ class Store:
         return len(stale)
 
 
+# S3 requests in flight when a stage after ingest copies or writes many small objects (preprocess's empty
+# labels, the answer sheet's image and label copies). It used to be the road's `ingest.workers`, whose
+# default it keeps (16); that setting now sizes ingest's uploads only.
+S3_WORKERS = 16
+
+
 def run_bounded(tasks: Iterable[Callable[[], Any]], workers: int, on_done: Callable[[Any], None] | None = None) -> None:
     """Run callables on a thread pool with at most 2*workers in flight (memory stays bounded).
 
