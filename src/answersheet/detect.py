@@ -219,7 +219,7 @@ class ShardRun:
     store: Store
     engine: Engine
     settings: DetectSettings
-    labels_prefix: str
+    layout: DayLayout  # label keys: layout.detect_label(ImageName), like every other stage's keys
     batch_size: int
     imgsz: int
     progress: Progress
@@ -323,7 +323,7 @@ class ShardRun:
             text, classes = boxes.text, boxes.classes
             key = None
             if text:
-                key = f"{self.labels_prefix}{name[: -len('.jpg')] if name.endswith('.jpg') else name}.txt"
+                key = self.layout.detect_label(ImageName.parse(name))
                 digest = self.store.put(key, text.encode(), "text/plain")
             per_class = {str(c): n for c, n in sorted(Counter(classes).items())}
             with self.lock:
@@ -464,7 +464,7 @@ def detect_day(
     def work(ready: tuple[Engine, Any, int]) -> stage.StageResult:
         engine, classes, imgsz = ready
         progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
-        run = ShardRun(store=store, engine=engine, settings=settings, labels_prefix=layout.detect_labels,
+        run = ShardRun(store=store, engine=engine, settings=settings, layout=layout,
                        batch_size=batch_size, imgsz=imgsz, progress=progress, classes=classes)
         cuda = device.startswith("cuda")
         readers = READERS or (min(16, 2 * CPUS) if cuda else 2)
