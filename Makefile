@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 install: $(VENV)/.installed ## create .venv with the package, torch/yolov5, Airflow and test tools
 
 demo: install ## run one road-day end to end on a local real S3 server (SeaweedFS) and write ./demo-output/
-	$(PY) -m answersheet.demo --out demo-output
+	$(PY) -m answersheet.dev.demo --out demo-output
 
 test: install importers browser ## run the test suite (real S3 server, real Airflow, real yolov5, real importers, Chromium)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -210,14 +210,14 @@ deploy: $(HELM_DEP) ## helm upgrade --install helm/answersheet (roads file from 
 # `make backfill ROAD=<road id> FROM=YYYY-MM-DD TO=YYYY-MM-DD` runs `airflow backfill create` in the
 # scheduler pod for the days FROM..TO (inclusive) that the road's schedule processes; the scheduler then
 # runs them, max_active_runs at a time. ROAD must be a road of ROADS_FILE; FROM/TO become 00:00:00 and
-# 23:59:59 in the road's time zone (answersheet.local_airflow.backfill_bounds). DRY_RUN=1 only prints the
+# 23:59:59 in the road's time zone (answersheet.dev.local_airflow.backfill_bounds). DRY_RUN=1 only prints the
 # kubectl command; PREVIEW=1 adds airflow's --dry-run (lists the runs, creates nothing).
 # REPROCESS=failed|completed re-runs days that already have a run (airflow's default: none).
 # LOCAL=1: no cluster; the same backfill against the local Airflow home AIRFLOW_LOCAL_HOME (`make up`'s),
 # as a preview (--dry-run) unless PREVIEW=0, which creates the runs for `make up`'s scheduler.
 AIRFLOW_LOCAL_HOME ?= .airflow
 HELPER_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
-LOCAL_AIRFLOW = PYTHONPATH=$(CURDIR)/src $(HELPER_PY) -m answersheet.local_airflow
+LOCAL_AIRFLOW = PYTHONPATH=$(CURDIR)/src $(HELPER_PY) -m answersheet.dev.local_airflow
 DATE_RE := ^[0-9]{4}-[0-9]{2}-[0-9]{2}$$
 check_date = $(if $(shell printf '%s' '$(2)' | grep -E '$(DATE_RE)'),,$(error $(1)=$(2): expected a date YYYY-MM-DD))
 BACKFILL_OPTS = --roads-file '$(ROADS_FILE)' --road '$(ROAD)' --from '$(FROM)' --to '$(TO)'$(if $(REPROCESS), --reprocess '$(REPROCESS)')
@@ -233,7 +233,7 @@ backfill: ## ROAD=… FROM=YYYY-MM-DD TO=YYYY-MM-DD [DRY_RUN=1] [PREVIEW=1] [REP
 
 # `make up`: Airflow on this machine, no cluster: api-server (UI) on 127.0.0.1:AIRFLOW_PORT, scheduler,
 # dag-processor and triggerer, DAGs in local mode, a local S3 server (SeaweedFS) and the last five
-# processable days of sample archives, backfilled (answersheet.local_airflow.up). Everything lives in
+# processable days of sample archives, backfilled (answersheet.dev.local_airflow.up). Everything lives in
 # AIRFLOW_LOCAL_HOME; `make down` stops exactly the processes `make up` started (their PIDs are in
 # AIRFLOW_LOCAL_HOME/up.json), keeping the data; `rm -rf .airflow` after it for a fresh start.
 AIRFLOW_PORT ?= 8080

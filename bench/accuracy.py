@@ -108,7 +108,7 @@ def dataset_images() -> list[Path]:
 
 def day_names(images: list[Path]) -> dict[str, Path]:
     """Ingested image name -> road-dev photo, as build_day_archives assigns photos (set i, camera c: 2i + c)."""
-    from answersheet.sample_day import set_times
+    from answersheet.dev.sample_day import set_times
 
     ymd = DAY.strftime("%Y%m%d")
     names = {}
@@ -341,8 +341,8 @@ def main() -> int:
     from answersheet.config import load_road
     from answersheet.day import RoadDay
     from answersheet.dev.s3server import S3Server
+    from answersheet.dev.sample_day import build_day_archives, upload_day
     from answersheet.ingest import ingest_day
-    from answersheet.sample_day import build_day_archives, upload_day
     from answersheet.storage import Store
 
     weights = Path(args.weights).resolve()

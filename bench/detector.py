@@ -117,7 +117,7 @@ def roads_file(path: Path, bucket: str, detect: dict) -> Path:
 
 def make_day(store, n_images: int, photos: list[Path], image_dir: Path | None) -> None:
     """n road-size JPEGs as a day of side1/side2 archives in S3, ingested; optionally also as local files."""
-    from answersheet.sample_day import build_day_archives, upload_day
+    from answersheet.dev.sample_day import build_day_archives, upload_day
 
     archives = build_day_archives(ROAD, DAY, ("side1", "side2"), (n_images + 1) // 2, photos, size=SIZE)
     upload_day(store, ROAD, DAY, archives)
@@ -283,10 +283,10 @@ def main() -> int:
     ap.add_argument("--no-nosave", action="store_true", help="skip the `yolov5 detect --nosave` baseline")
     args = ap.parse_args()
 
+    from answersheet.dev.label_agreement import agreement
     from answersheet.dev.s3server import S3Server
-    from answersheet.label_agreement import agreement
+    from answersheet.dev.sample_day import sample_photos
     from answersheet.layout import ONNX_CACHE_PREFIX
-    from answersheet.sample_day import sample_photos
     from answersheet.storage import Store
 
     weights = Path(args.weights).resolve()

@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--junk", type=int, default=200_000 - len(CAMERAS))
     args = parser.parse_args()
     from answersheet.dev.s3server import S3Server
-    from answersheet.sample_day import sample_photos
+    from answersheet.dev.sample_day import sample_photos
     from answersheet.storage import Store
 
     weights = Path(os.environ.get("ANSWERSHEET_WEIGHTS", REPO.parent / "shared/models/yolov5n.pt"))

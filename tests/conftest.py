@@ -86,7 +86,7 @@ def real_photos() -> list[Path]:
 
     from PIL import Image, ImageOps
 
-    from answersheet.sample_day import sample_photos
+    from answersheet.dev.sample_day import sample_photos
 
     photos = sample_photos(ROAD_SAMPLES if ROAD_SAMPLES.is_dir() else None)
     if len(photos) >= MIN_PHOTOS:

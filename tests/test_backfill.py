@@ -20,8 +20,8 @@ import pytest
 from test_dags import write_roads  # first: points Airflow at a private AIRFLOW_HOME
 from test_makefile import make
 
+from answersheet.dev.local_airflow import backfill_args, backfill_bounds, prepare_airflow_home, run_airflow
 from answersheet.errors import AnswersheetError
-from answersheet.local_airflow import backfill_args, backfill_bounds, prepare_airflow_home, run_airflow
 
 # A past week (the backfill refuses future days, and a previous_run day runs only once the next weekday's
 # 09:00 has passed): Monday three weeks before today.

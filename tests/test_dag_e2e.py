@@ -19,10 +19,10 @@ import pytest
 from conftest import DAY, REPO, ROAD, write_roads_file
 from test_dags import DAG_FILE  # noqa: F401  (first: points Airflow at a private AIRFLOW_HOME)
 
+from answersheet.dev.local_airflow import prepare_airflow_home, run_airflow, run_dag_test
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.errors import AnswersheetError
 from answersheet.layout import DayLayout
-from answersheet.local_airflow import prepare_airflow_home, run_airflow, run_dag_test
-from answersheet.sample_day import build_day_archives, upload_day
 
 CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
 N_SETS = 3

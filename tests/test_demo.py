@@ -17,7 +17,7 @@ def test_demo_writes_answer_sheet_and_summary(tmp_path):
     if REAL_WEIGHTS.is_file():
         env["ANSWERSHEET_WEIGHTS"] = str(REAL_WEIGHTS)
     out = tmp_path / "demo-output"
-    proc = subprocess.run([sys.executable, "-m", "answersheet.demo", "--runner", "cli", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "answersheet.dev.demo", "--runner", "cli", "--out", str(out),
                            "--sets", "3"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sheet = out / "daewang_pangyo" / "20261102"
@@ -35,7 +35,7 @@ def test_demo_writes_answer_sheet_and_summary(tmp_path):
     labels = {p.stem for p in (sheet / "labels").iterdir()}
     assert not any(r["status"] == "not_detected" and r["image"][7:-4] in labels for r in rows)
     assert (sheet / "report.html").read_text(encoding="utf-8").count("<figure>") >= 1
-    from answersheet.demo import EXPORTS
+    from answersheet.dev.demo import EXPORTS
 
     assert all((sheet / e).is_file() for e in EXPORTS) and "exports: " + ", ".join(EXPORTS) in summary
     if not REAL_WEIGHTS.is_file() and "ANSWERSHEET_WEIGHTS" not in os.environ:

@@ -22,11 +22,11 @@ from conftest import DAY, REAL_WEIGHTS, ROAD, SHARED, real_photos, write_roads_f
 from answersheet.cli import main
 from answersheet.config import load_road
 from answersheet.day import RoadDay
+from answersheet.dev.label_agreement import agreement
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.errors import AnswersheetError
 from answersheet.ingest import ingest_day
-from answersheet.label_agreement import agreement
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 from answersheet.storage import Store
 
 CAMERAS = ("side1", "side2")

@@ -14,7 +14,7 @@ from answersheet.detector import postprocess, preprocess
 from answersheet.detector.checkpoint import load_checkpoint
 from answersheet.detector.onnx_backend import onnx_providers
 from answersheet.detector.torch_backend import TorchBackend
-from answersheet.sample_day import sample_photos
+from answersheet.dev.sample_day import sample_photos
 
 
 def cli_label_text(det: torch.Tensor, im_shape: tuple[int, int], im0_shape: tuple[int, int, int]) -> str:
@@ -123,7 +123,7 @@ def test_fp16_inference_as_on_cuda_agrees_with_fp32(photos):
     compared in float32) must find the same objects as fp32."""
     from conftest import REAL_WEIGHTS
 
-    from answersheet.label_agreement import agreement
+    from answersheet.dev.label_agreement import agreement
 
     if not REAL_WEIGHTS.is_file():
         pytest.skip(f"real YOLOv5 weights not found at {REAL_WEIGHTS} (set ANSWERSHEET_WEIGHTS)")

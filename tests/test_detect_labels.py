@@ -20,8 +20,8 @@ import yaml
 from conftest import DAY, REAL_WEIGHTS, ROAD, ROADS_FILE, SHARED, write_roads_file
 
 from answersheet.cli import main
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 from answersheet.storage import Store
 
 ROAD_DEV = SHARED / "datasets" / "road-dev"

@@ -5,11 +5,13 @@ the workflow that builds, runs and pushes them."""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -273,15 +275,53 @@ def test_build_context_has_what_the_dockerfile_copies(image):
     assert sources
     for src in sources:
         assert (REPO / src).exists(), src
-        files = [src] if (REPO / src).is_file() else [str(p.relative_to(REPO)) for p in (REPO / src).rglob("*.py")]
+        files = [src] if (REPO / src).is_file() else [str(p.relative_to(REPO)) for p in (REPO / src).rglob("*.py")
+                                                      if not p.is_relative_to(REPO / "src/answersheet/dev")]
         for f in files:
             assert dockerignore_allows(f), f"{f} is excluded by .dockerignore"
 
 
 def test_build_context_leaves_out_the_rest():
     for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "dags/roads.yaml", ".tools/x/helm",
-                 "helm/answersheet/values.yaml", "src/answersheet/__pycache__/cli.cpython-311.pyc"):
+                 "helm/answersheet/values.yaml", "src/answersheet/__pycache__/cli.cpython-311.pyc",
+                 "src/answersheet/dev/demo.py"):
         assert not dockerignore_allows(path), path
+
+
+def test_wheel_the_images_install_leaves_out_the_dev_tooling(tmp_path):
+    """Both stage images install the wheel of their build context (pyproject.toml, README.md, src/): it holds
+    every stage module and nothing of answersheet.dev (demo, local Airflow, S3 server, sample days)."""
+    ctx = tmp_path / "context"
+    ctx.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, ctx / name)
+    shutil.copytree(REPO / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--wheel-dir", str(tmp_path / "wheels"), str(ctx)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "wheels").glob("answersheet-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if n.startswith("answersheet/") and n.endswith(".py")}
+    package = REPO / "src" / "answersheet"
+    stage = {f"answersheet/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+             if "dev" not in p.relative_to(package).parts}
+    assert "answersheet/cli.py" in stage and shipped == stage
+    assert (package / "dev" / "demo.py").is_file()  # the excluded tooling exists in the source tree
+
+
+def test_stage_code_never_imports_the_dev_tooling():
+    """answersheet.dev is not in the images, so no module that is may import it (the stage CLI would fail)."""
+    package = REPO / "src" / "answersheet"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "dev" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[:2] == ["answersheet", "dev"]]
+    assert offenders == []
 
 
 def workflow(name: str) -> dict:

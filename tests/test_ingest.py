@@ -19,11 +19,11 @@ from conftest import DAY, ROAD, write_roads_file
 from answersheet.cli import main
 from answersheet.config import load_road
 from answersheet.day import RoadDay
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.errors import AnswersheetError, printable
 from answersheet.ingest import ingest_day
 from answersheet.jpeg import BadJpeg, check_jpeg
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 
 LAYOUT = DayLayout(ROAD, DAY)
 YMD = LAYOUT.ymd

@@ -14,8 +14,8 @@ import yaml
 from conftest import DAY, REAL_WEIGHTS, ROAD, write_roads_file
 
 from answersheet.cli import main
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 
 CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
 N_SETS = 4

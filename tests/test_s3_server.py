@@ -10,8 +10,8 @@ import sys
 
 from conftest import DAY, ROAD, write_roads_file
 
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 
 CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
 LAYOUT = DayLayout(ROAD, DAY)

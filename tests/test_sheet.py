@@ -22,8 +22,8 @@ import yaml
 from conftest import DAY, REAL_WEIGHTS, REPO, ROAD, write_roads_file
 
 from answersheet.cli import main
+from answersheet.dev.sample_day import build_day_archives, upload_day
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, upload_day
 
 CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
 N_SETS = 5

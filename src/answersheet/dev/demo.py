@@ -24,14 +24,14 @@ from pathlib import Path
 import yaml
 
 from answersheet.config import deep_merge, load_road
+from answersheet.dev.sample_day import build_day_archives, sample_photos, upload_day
 from answersheet.errors import AnswersheetError
 from answersheet.layout import DayLayout
-from answersheet.sample_day import build_day_archives, sample_photos, upload_day
 from answersheet.storage import Store
 
-log = logging.getLogger("answersheet.demo")
+log = logging.getLogger("answersheet.dev.demo")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_ROADS = REPO / "dags" / "roads.yaml"
 WEIGHTS_KEY = "models/yolov5n.pt"
 DOWNLOAD_TIMEOUT_S = 45
@@ -152,7 +152,7 @@ def run_demo(out: Path, road_id: str, day: dt.date, runner: str, roads_src: Path
         log.info("sample day: %d archives, %d sets from %d photos (%s)", len(keys), n_sets, len(photos),
                  photos[0].parent)
         if runner == "airflow":
-            from answersheet.local_airflow import run_dag_test
+            from answersheet.dev.local_airflow import run_dag_test
 
             run_dag_test(road.id, day.isoformat(), roads, work / "airflow", dict(os.environ))
         else:

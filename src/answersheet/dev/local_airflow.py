@@ -4,8 +4,8 @@ A private AIRFLOW_HOME (SQLite), the repository's dags/ folder, and ANSWERSHEET_
 every task runs the same `answersheet <stage> ...` command line a pod would, as a subprocess.
 Used by `make demo`, `make backfill` (the bounds; LOCAL=1 runs it here) and the DAG end-to-end tests.
 
-    python -m answersheet.local_airflow backfill-args --road R --from 2026-11-02 --to 2026-11-06
-    python -m answersheet.local_airflow backfill --home .airflow --road R --from … --to … [--dry-run]
+    python -m answersheet.dev.local_airflow backfill-args --road R --from 2026-11-02 --to 2026-11-06
+    python -m answersheet.dev.local_airflow backfill --home .airflow --road R --from … --to … [--dry-run]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from answersheet.config import load_road, read_roads_file
 from answersheet.errors import AnswersheetError
 
-REPO_DAGS = Path(__file__).resolve().parents[2] / "dags"
+REPO_DAGS = Path(__file__).resolve().parents[3] / "dags"
 ROADS_FILE = REPO_DAGS / "roads.yaml"
 REPROCESS = ("none", "failed", "completed")
 TAIL_LINES = 40
@@ -294,8 +294,8 @@ def up(home: Path, *, port: int = DEFAULT_PORT, roads_src: Path = ROADS_FILE, ro
     mode) and a local S3 server (SeaweedFS), put the last `days` processable days of sample archives into
     S3 and backfill them, so the Grid fills with a week of runs. Everything started is recorded in
     <home>/up.json for `down`. Returns that state."""
-    from answersheet.demo import WEIGHTS_KEY, demo_weights, effective_roads_file
-    from answersheet.sample_day import build_day_archives, sample_photos, upload_day
+    from answersheet.dev.demo import WEIGHTS_KEY, demo_weights, effective_roads_file
+    from answersheet.dev.sample_day import build_day_archives, sample_photos, upload_day
     from answersheet.storage import Store
 
     t0 = time.monotonic()
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import shlex
 
-    parser = argparse.ArgumentParser(prog="python -m answersheet.local_airflow", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m answersheet.dev.local_airflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("backfill-args", "backfill"):
         p = sub.add_parser(name)
