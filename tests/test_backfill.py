@@ -17,8 +17,8 @@ import zoneinfo
 from pathlib import Path
 
 import pytest
-from test_dags import write_roads  # first: points Airflow at a private AIRFLOW_HOME
-from test_makefile import make
+from conftest import make
+from dagtest import write_roads
 
 from answersheet.dev.local_airflow import backfill_args, backfill_bounds, prepare_airflow_home, run_airflow
 from answersheet.errors import AnswersheetError

@@ -11,18 +11,10 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import REPO
-from test_dags import (  # first: AIRFLOW_HOME
-    ROADS_FILE,
-    MappedOperator,
-    commands,
-    parse,
-    road_dags,
-    settings,
-    write_roads,
-)
-from test_helm import helm  # noqa: F401 - fixture
-from test_pods import base, pod_templates, rendered_pods, with_templates  # noqa: F401 - fixtures
+from airflow.sdk.definitions.mappedoperator import MappedOperator
+from answersheet_dagkit import commands, settings
+from conftest import REPO, ROADS_FILE
+from dagtest import base, parse, rendered_pods, road_dags, write_roads
 
 import answersheet
 from answersheet import roadsfile

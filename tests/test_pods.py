@@ -5,71 +5,18 @@ strictly against the Kubernetes API schema; GPU scheduling, security and credent
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import kubernetes_validate
-import pendulum
 import pytest
-import yaml
-from test_dags import MappedOperator, parse, road_dags, write_roads  # test_dags first: it sets AIRFLOW_HOME
-from test_helm import CHART, CI_VALUES, ROADS_FILE, helm  # noqa: F401 - `helm`: the pinned helm fixture
+from airflow.sdk.definitions.mappedoperator import MappedOperator
+from conftest import CI_VALUES, POD_TEMPLATES_ENV, render_pod_templates
+from dagtest import base, parse, rendered_pods, road_dags, write_roads
 
 K8S_VERSION = "1.31"  # oldest Kubernetes the chart supports; the schema kubernetes-validate checks against
-LOGICAL_DATE = pendulum.datetime(2026, 11, 2, 0, tz="UTC")  # 09:00 KST
 A100 = ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-80GB-PCIe"]
 SECRET_VALUES = ("AKIAPARSEANDRENDER01", "s3cr3t-parse-and-render-value")
 DIGEST = "sha256:" + "2" * 64  # the detector digest of helm/ci/gpu-mig-values.yaml
-POD_TEMPLATES_ENV = "ANSWERSHEET_POD_TEMPLATES"
-
-
-def render_pod_templates(helm: Path, out: Path, values: Path | None = None) -> Path:  # noqa: F811
-    """The chart's pod templates (`helm template`, ConfigMap answersheet-pod-templates) written into `out`."""
-    args = [str(helm), "template", "answersheet", str(CHART), "--namespace", "airflow", "--set-file",
-            f"roadsYaml={ROADS_FILE}", "--show-only", "templates/configmap-pod-templates.yaml"]
-    proc = subprocess.run(args + (["-f", str(values)] if values else []), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in yaml.safe_load(proc.stdout)["data"].items():
-        (out / name).write_text(text, encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="session")
-def pod_templates(helm, tmp_path_factory) -> Path:  # noqa: F811
-    """The chart's default pod templates (preprocess-default, detector-a100, detector-mig-1g)."""
-    return render_pod_templates(helm, tmp_path_factory.mktemp("pod-templates"))
-
-
-@pytest.fixture
-def with_templates(monkeypatch, pod_templates) -> Path:
-    monkeypatch.setenv(POD_TEMPLATES_ENV, str(pod_templates))
-    return pod_templates
-
-
-def rendered_pods(dag) -> list[tuple[str, int, dict]]:
-    """(task_id, map_index, pod manifest) for every task instance of the DAG, rendered without a cluster
-    the way the task runner renders it (a mapped task is expanded for each map index first)."""
-    from kubernetes.client import ApiClient
-
-    out = []
-    for task in dag.tasks:
-        mapped = isinstance(task, MappedOperator)
-        for map_index in range(len(task.expand_input.value)) if mapped else [-1]:
-            ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, map_index=map_index, try_number=1)
-            ctx = {"logical_date": LOGICAL_DATE, "ti": ti, "run_id": "scheduled__2026-11-02T00:00:00+00:00",
-                   "dag": dag, "task": task,
-                   "dag_run": SimpleNamespace(conf={}, logical_date=LOGICAL_DATE, run_id="scheduled__x")}
-            task.render_template_fields(ctx)  # a mapped task puts its unmapped, rendered operator in ctx["task"]
-            pod = ctx["task"].build_pod_request_obj(ctx, dry_run=True)
-            out.append((task.task_id, map_index, ApiClient().sanitize_for_serialization(pod)))
-    return out
-
-
-def base(pod: dict) -> dict:
-    return next(c for c in pod["spec"]["containers"] if c["name"] == "base")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import datetime as dt
 
 import pendulum
 import pytest
-from test_dags import dag_run, parse, write_roads  # first: points Airflow at a private AIRFLOW_HOME
+from dagtest import dag_run, parse, write_roads
 
 KST = "Asia/Seoul"
 LA = "America/Los_Angeles"  # DST ends Sunday 2026-11-01 02:00 (UTC-7 -> UTC-8)
