@@ -33,6 +33,12 @@ demo: install ## run one road-day end to end on a local real S3 server (SeaweedF
 test: install importers browser ## run the test suite (real S3 server, real Airflow, real yolov5, real importers, Chromium)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The pure unit tests (pytest marker `fast`, see pyproject.toml): config and schema errors, naming, zip guards
+# on ZipInfo, the NMS/letterbox ports, DAG and pod rendering offline, Dockerfiles, Makefile dry runs.
+.PHONY: test-fast
+test-fast: install ## the fast subset: pure unit tests, no S3 server or model runs (under a minute)
+	$(PY) -m pytest -q -m "fast and not slow" $(PYTEST_ARGS)
+
 # The export tests open the answer sheet with the real importers. datumaro (CVAT's dataset library) and
 # label-studio-sdk pin numpy/pillow/pandas/opencv versions that conflict with yolov5's, so they get a venv of
 # their own (~700 MB, ~80 s), pinned by requirements/importers.txt; the tests run it as a subprocess.

@@ -7,9 +7,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import DAY, ROAD, ROADS_FILE, write_roads_file
 
 from answersheet.cli import build_parser
+
+pytestmark = pytest.mark.fast
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,6 +26,7 @@ def closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once the socket closes
 
 
+@pytest.mark.slow
 def test_s3_outage_is_one_line_naming_the_object_and_no_secret(tmp_path):
     secret = "s3cr3t-never-printed"
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}", "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
@@ -35,6 +39,7 @@ def test_s3_outage_is_one_line_naming_the_object_and_no_secret(tmp_path):
     assert secret not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_missing_bucket_names_the_bucket(store, tmp_path):
     roads = write_roads_file(tmp_path / "roads.yaml", store.bucket)
     proc = cli("preprocess", "--road", ROAD, "--date", DAY.isoformat(), "--config", str(roads),

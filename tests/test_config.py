@@ -12,6 +12,8 @@ from answersheet.config import load_road, read_roads_file, validate_road
 from answersheet.errors import ConfigError
 from answersheet.naming import BadImageName, parse_image_name
 
+pytestmark = pytest.mark.fast
+
 CAMS = ("front", "rear", "left", "right", "side1", "side2")
 
 

@@ -43,6 +43,7 @@ def tiny_model(tiny_weights):
     return TorchBackend(load_checkpoint(tiny_weights[0]), "cpu")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("imgsz,stride", [(640, 32), (320, 32), (1280, 64)])
 def test_letterbox_equals_yolov5(photos, imgsz, stride):
     shapes = set()
@@ -60,6 +61,7 @@ def test_letterbox_equals_yolov5(photos, imgsz, stride):
         np.testing.assert_array_equal(preprocess.letterbox_chw(bgr, imgsz, stride), ref)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("imgsz", [32, 320, 333, 640, 650, 1280])
 def test_check_imgsz_equals_yolov5(imgsz):
     for stride in (32, 64):
@@ -87,6 +89,7 @@ def test_postprocessing_equals_yolov5_on_model_outputs(photos, tiny_model):
     assert checked > 1000, "the tiny model must give NMS real work"
 
 
+@pytest.mark.fast
 def test_postprocessing_equals_yolov5_on_random_crowded_predictions():
     rng = np.random.default_rng(1)
     for trial in range(20):
@@ -99,6 +102,7 @@ def test_postprocessing_equals_yolov5_on_random_crowded_predictions():
         assert_post_equal(pred, (384, 640), (1080, 1920), max_det=int(rng.choice([3, 300, 1000])))
 
 
+@pytest.mark.fast
 def test_postprocessing_of_an_image_without_boxes():
     pred = torch.zeros((1, 100, 85))
     det = postprocess.nms(postprocess.candidates(pred, 0.25)[0], 0.25, 0.45, 1000)
@@ -106,6 +110,7 @@ def test_postprocessing_of_an_image_without_boxes():
     assert postprocess.label_text(det, (384, 640), (1080, 1920)) == ("", [])
 
 
+@pytest.mark.fast
 def test_decode_reads_like_yolov5_and_rejects_broken_jpegs(photos):
     import cv2
 
@@ -169,6 +174,7 @@ def test_item4_odd_jpegs_decode_like_yolov5_loadimages_or_fail_with_one_line(pho
     assert rotated.shape[:2] == (320, 180), "EXIF orientation 6 turns the 320x180 photo upright"
 
 
+@pytest.mark.fast
 def test_onnx_providers_ask_for_tensorrt_only_when_its_library_loads():
     """The GPU wheel lists TensorRT even where libnvinfer is absent (as in the detector image): asking for it
     first logged an error on every GPU session. CUDA then CPU otherwise; CPU devices never get GPU providers."""

@@ -18,6 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[1]
 OVERLAY = REPO / "helm" / "values-airflow.yaml"
 CHART_VALUES = REPO / "helm" / "answersheet" / "values.yaml"

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "requirements"))
 import lock  # noqa: E402  (requirements/lock.py)
 
+pytestmark = pytest.mark.fast
+
 sys.path.remove(str(REPO / "requirements"))
 
 IMAGES = ("preprocess", "detector", "airflow")

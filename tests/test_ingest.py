@@ -701,6 +701,7 @@ def test_item10_strict_decode_accepts_every_real_photo_and_unusual_valid_jpegs(p
 # --- issue 8, output hygiene -----------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_output_hygiene_printable_escapes_every_control_character_and_is_idempotent():
     raw = "a\nb\rc\x1b[31md\x7fe\x85f\u202eg\u2028h\ti"
     assert printable(raw) == r"a\nb\rc\x1b[31md\x7fe\x85f\u202eg\u2028h\ti"

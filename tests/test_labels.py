@@ -13,6 +13,8 @@ from answersheet.detector.postprocess import image_boxes, nms, resolve_classes, 
 from answersheet.detector.slicing import greedy_nmm, merge_views, slice_boxes
 from answersheet.errors import AnswersheetError, ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 def coco_names() -> dict[int, str]:
     import yaml

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[1]
 MAKE = ["make", "--no-print-directory", "-o", "install", f"VENV={sys.prefix}"]
 BACKFILL = ["ROAD=daewang_pangyo", "FROM=2026-11-02", "TO=2026-11-06"]
@@ -152,6 +154,7 @@ def test_image_tag_comes_from_git():
     assert tag == described and tag
 
 
+@pytest.mark.slow
 def test_tools_rejects_a_binary_with_another_digest(tmp_path):
     """`make tools` checks the extracted helm against the pinned sha256 and installs nothing on mismatch."""
     if shutil.which("npm") is None:

@@ -80,6 +80,7 @@ def test_item1_digest_chain(store):
         manifest.check_upstream(store, detect_key, detect, expect=[ingest_key])
 
 
+@pytest.mark.fast
 def test_item1_rerun_names_every_stage_between():
     assert manifest._rerun("ingest", "detect") == "detect"
     assert manifest._rerun("ingest", "preprocess") == "detect and preprocess"

@@ -14,6 +14,8 @@ import pendulum
 import pytest
 from dagtest import dag_run, parse, write_roads
 
+pytestmark = pytest.mark.fast
+
 KST = "Asia/Seoul"
 LA = "America/Los_Angeles"  # DST ends Sunday 2026-11-01 02:00 (UTC-7 -> UTC-8)
 

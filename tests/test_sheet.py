@@ -369,6 +369,7 @@ def test_a_day_without_predictions_files_is_one_line_naming_the_file(sheet, caps
         sheet.store.put(key, body)
 
 
+@pytest.mark.fast
 def test_review_priority_ranks_near_threshold_low_confidence_tiny_boxes_first():
     from answersheet.review import review_priority
 
@@ -384,6 +385,7 @@ def test_review_priority_ranks_near_threshold_low_confidence_tiny_boxes_first():
     assert review_priority("empty", {"boxes": []}, 0.25) > p["sure"]
 
 
+@pytest.mark.fast
 def test_drift_needs_history_and_ignores_quiet_cameras():
     from answersheet.drift import flags_for
 
@@ -395,6 +397,7 @@ def test_drift_needs_history_and_ignores_quiet_cameras():
     assert flags_for(today, [quiet, quiet]) == []
 
 
+@pytest.mark.fast
 def test_zip_is_byte_stable():
     from answersheet.exports import cvat_coco_zip
 
@@ -403,6 +406,7 @@ def test_zip_is_byte_stable():
     assert zipfile.ZipFile(io.BytesIO(a)).namelist() == ["images/default/", "annotations/instances_default.json"]
 
 
+@pytest.mark.fast
 def test_report_samples_cover_every_camera_and_skip_repeated_frames():
     from answersheet.datasheet import sample_sections
 
