@@ -157,6 +157,7 @@ def test_dags_by_git_sync_where_they_are_parsed_or_run(render):
     git = OVERLAY["dags"]["gitSync"]
     cfg = airflow_cfg(render)
     assert cfg["core"]["dags_folder"] == f"/opt/airflow/dags/repo/{git['subPath']}"
+    assert (REPO / git["subPath"] / "answersheet_dags.py").is_file()  # the synced folder holds the DAG file
     specs = dict(workloads(render))
     for name in ("airflow-dag-processor", "airflow-triggerer", "pod-template"):
         spec = specs[name]
