@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pendulum
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, CronTriggerTimetable, chain
@@ -99,7 +99,7 @@ Configured in `{roads_file.name}` (road `{road.id}`).
 
 def _local(naive: str, timezone: str) -> str:
     """A wall-clock time in the road's zone with its UTC offset (2026-11-02T00:00:00+09:00), for the doc."""
-    return pendulum.parse(naive, tz=timezone).isoformat()
+    return cast(pendulum.DateTime, pendulum.parse(naive, tz=timezone)).isoformat()  # a date-time string
 
 
 def _stage_task(road: RoadSpec, stage: str, roads_file: Path, date: str, asset: Asset):

@@ -93,7 +93,7 @@ class AnswersheetPodOperator(KubernetesPodOperator):
 
     def _require_cluster(self) -> None:
         try:
-            self.hook.api_client  # noqa: B018 - loads in-cluster config, the connection or the kubeconfig (cached)
+            self.hook.api_client  # type: ignore[attr-defined]  # noqa: B018 - loads in-cluster config, the connection or the kubeconfig (cached)
         except ConfigException as exc:
             raise AirflowFailException(NO_CLUSTER.format(reason=str(exc).strip().rstrip("."))) from None
 

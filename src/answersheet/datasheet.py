@@ -124,7 +124,7 @@ def datasheet_csv(rd: RoadDay, rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode("utf-8-sig")
 
 
-def _pick(rows: list[dict[str, Any]], key, n: int, cond, seen: set[str] | None = None) -> list[dict[str, Any]]:
+def _pick(rows: list[dict[str, Any]], key, n: int, cond, seen: set[str | None] | None = None) -> list[dict[str, Any]]:
     """The first n rows by key that meet cond, skipping images whose bytes were already picked (the same
     frame under two names would show twice)."""
     out: list[dict[str, Any]] = []

@@ -271,6 +271,7 @@ class ShardRun:
 
         Returns per chunk (image metadata, candidate rows): no pixels or raw predictions are kept.
         """
+        assert self.classes is not None  # set with the model, before the first batch
         out, i = [], 0
         while i < len(batch):
             chunk = batch[i : i + self.batch_size]
@@ -313,6 +314,7 @@ class ShardRun:
         `images` holds (name, original shape, letterboxed shape, tile boxes, letterboxed tile shape, tile
         candidates); `cands` the full frames' rows above the lowest threshold.
         """
+        assert self.classes is not None  # set with the model, before the first batch
         for (name, shape0, shape1, *tiles), rows in zip(images, cands, strict=True):
             try:
                 det = detections(rows, shape1, shape0, self.classes, self.settings, *tiles)

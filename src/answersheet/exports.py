@@ -77,14 +77,16 @@ def coco(rows: Sequence[dict[str, Any]], preds: dict[str, dict[str, Any]], class
          file_name: Callable[[dict[str, Any]], str], description: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(COCO 1.0 instances, COCO results list). Category id = road class id + 1 (COCO ids start at 1;
     pycocotools and CVAT treat 0 as "no category"); image ids 1..n in datasheet order."""
-    images, anns, results = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for image_id, r in enumerate(labelled_rows(rows), 1):
         rec = preds.get(r["name"]) or {}
         w, h = rec.get("width"), rec.get("height")
         images.append({"id": image_id, "file_name": file_name(r), "width": w, "height": h,
                        "camera": r["camera"], "capture_time": r["capture_time"], "status": r["status"]})
         for b in rec.get("boxes", []):
-            bbox = _xywh(b["box"], w, h)
+            bbox = _xywh(b["box"], rec["width"], rec["height"])  # a record with boxes has its size
             ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": b["class_id"] + 1, "bbox": bbox,
                    "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "segmentation": []}
             anns.append(ann)

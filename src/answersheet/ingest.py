@@ -202,10 +202,11 @@ def _check_central_directory(fp: IO[bytes], limits: IngestLimits) -> None:
     exactly as ZipFile does (zipfile's own end-record reader, zip64 included) and walks it entry by entry
     from the file, keeping nothing: it stops at max_members + 1, so its cost is bounded by the limit.
     """
-    endrec = zipfile._EndRecData(fp)  # the reader ZipFile itself uses: both see the same directory
+    # zipfile's private end-record reader and offsets are not in typeshed: `type: ignore[attr-defined]` below
+    endrec = zipfile._EndRecData(fp)  # type: ignore[attr-defined]  # the reader ZipFile itself uses
     if not endrec:
         raise zipfile.BadZipFile("File is not a zip file")
-    declared, size_cd = endrec[zipfile._ECD_ENTRIES_TOTAL], endrec[zipfile._ECD_SIZE]
+    declared, size_cd = endrec[zipfile._ECD_ENTRIES_TOTAL], endrec[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
     if declared > limits.max_members:
         raise Rejected(TOO_MANY_MEMBERS, (
             f"archive has {declared} entries (directories included) > max_members {limits.max_members};"
@@ -216,10 +217,10 @@ def _check_central_directory(fp: IO[bytes], limits: IngestLimits) -> None:
             f"central directory of {size_cd} bytes > {CD_BYTES_PER_MEMBER} bytes per allowed member"
             f" (max_members {limits.max_members}); archive not read"
         ))
-    concat = endrec[zipfile._ECD_LOCATION] - size_cd - endrec[zipfile._ECD_OFFSET]
-    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
-    start = endrec[zipfile._ECD_OFFSET] + concat
+    concat = endrec[zipfile._ECD_LOCATION] - size_cd - endrec[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    start = endrec[zipfile._ECD_OFFSET] + concat  # type: ignore[attr-defined]
     if start < 0:
         raise zipfile.BadZipFile("Bad offset for central directory")
     fp.seek(start)

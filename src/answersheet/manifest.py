@@ -140,7 +140,7 @@ def check_upstream(store: Store, key: str, consumed: Mapping[str, Any], expect: 
     if unrecorded:
         raise AnswersheetError(f"{store.uri(key)}: has no record of the {store.uri(unrecorded[0])} outputs it was "
                                f"built from (written by an older version); re-run {stage} for this day")
-    for rec in records:
+    for rec in records if isinstance(records, list) else []:
         up_key, up_stage, recorded = rec.get("key", ""), rec.get("stage", "?"), rec.get("outputs_digest")
         if known and up_key in known:
             now = known[up_key].get("outputs_digest")

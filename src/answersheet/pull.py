@@ -86,8 +86,11 @@ def pull(store: Store, road: str, day: Any, out: Path, workers: int = 8) -> dict
     def task(key: str, sha: str):
         return lambda: _fetch(store, key, out / key[len(lay.out_prefix):], sha)
 
-    run_bounded((task(k, s) for k, s in sorted(outputs.items())), workers,
-                on_done=lambda n: (sizes.append(n), progress.advance()))
+    def done(n: int) -> None:
+        sizes.append(n)
+        progress.advance()
+
+    run_bounded((task(k, s) for k, s in sorted(outputs.items())), workers, on_done=done)
     progress.finish()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                       encoding="utf-8")

@@ -61,8 +61,8 @@ def draw_boxes(jpeg: bytes, boxes: Sequence[dict[str, Any]], width: int | None =
     `boxes` are predictions-file boxes (`class_id`, `class`, `confidence` or None, normalised `box`).
     Line width and tag font scale with the image so tags stay readable on thumbnails and originals alike.
     """
-    with Image.open(io.BytesIO(jpeg)) as im:
-        im = im.convert("RGB")
+    with Image.open(io.BytesIO(jpeg)) as src:
+        im = src.convert("RGB")
         if width and im.width > width:
             im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(im)

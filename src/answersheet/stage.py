@@ -50,7 +50,7 @@ class Stage:
     digest: str  # its inputs digest
     upstream: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # manifests read: key -> manifest
     owns: str | None = None  # the prefix whose objects are all this stage's outputs (the rest is stale)
-    clean: Callable[[dict[str, str]], object] | None = None  # stale cleanup for a prefix shared (detect shards)
+    clean: Callable[[dict[str, str]], int | None] | None = None  # stale cleanup for a prefix shared (detect shards)
     redo: Callable[[dict[str, Any]], bool] | None = None  # a current manifest that must be redone all the same
     setup: Callable[[], AbstractContextManager[Any]] | None = None  # before begin; its value goes to work
     summary: dict[str, Any] = field(default_factory=dict)  # extra summary keys, skipped or not

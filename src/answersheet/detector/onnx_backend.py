@@ -95,7 +95,7 @@ class OnnxBackend:
 
     @property
     def nc(self) -> int:
-        return len(self.names)
+        return len(self.names)  # type: ignore[arg-type]  # __init__ refuses a model without names
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc)."""

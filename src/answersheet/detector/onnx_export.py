@@ -68,7 +68,7 @@ def export_model(weights: str | os.PathLike, out: str | os.PathLike, imgsz: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation / tracer notes
         torch.onnx.export(
-            model, im, str(out), verbose=False, opset_version=OPSET, do_constant_folding=True,
+            model, im, str(out), verbose=False, opset_version=OPSET, do_constant_folding=True,  # type: ignore[arg-type]
             input_names=["images"], output_names=["output0"], dynamo=False,
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
                           "output0": {0: "batch", 1: "anchors"}},

@@ -17,6 +17,7 @@ mapping after NMS would label `truck` twice (measured on road-dev: BENCHMARKS.md
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,8 +273,8 @@ def label_text(det: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int]
 
 
 def detections(rows: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int], rc: RoadClasses,
-               settings: DetectSettings, tile_boxes: list[tuple[int, int, int, int]] = (),
-               tile_shape1: tuple[int, int] | None = None, tile_cands: list[np.ndarray] = ()) -> np.ndarray:
+               settings: DetectSettings, tile_boxes: Sequence[tuple[int, int, int, int]] = (),
+               tile_shape1: tuple[int, int] | None = None, tile_cands: Sequence[np.ndarray] = ()) -> np.ndarray:
     """One image's boxes in its pixels (xyxy, conf, road class, source), sorted by confidence: the full
     frame's candidates through the road's NMS, merged with its tiles' when the road slices (detector.slicing)."""
     s = settings
@@ -282,6 +283,7 @@ def detections(rows: np.ndarray, shape1: tuple[int, int], shape0: tuple[int, int
         return det
     from answersheet.detector.slicing import merge_views
 
+    assert tile_shape1 is not None  # tiles come with their letterboxed shape
     views = [det] + [
         to_original(road_nms(t, rc, s.iou_thres, s.max_det), tile_shape1, (y1 - y0, x1 - x0), (x0, y0), 1)
         for (x0, y0, x1, y1), t in zip(tile_boxes, tile_cands, strict=True)]

@@ -6,17 +6,18 @@ Used by the detector benchmark (ours vs `yolov5 detect`) and the tests (backend 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 Box = tuple[int, float, float, float, float]  # cls, cx, cy, w, h (normalised)
 
 
 def parse_label(text: str) -> list[Box]:
     """YOLO `cls cx cy w h` lines -> boxes."""
-    boxes = []
+    boxes: list[Box] = []
     for line in text.splitlines():
         if line.strip():
             c, *xywh = line.split()
-            boxes.append((int(float(c)), *map(float, xywh)))
+            boxes.append(cast(Box, (int(float(c)), *map(float, xywh))))
     return boxes
 
 

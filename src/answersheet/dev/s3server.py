@@ -127,13 +127,13 @@ class S3Server:
                                      env=env, cwd=self.data_dir, start_new_session=True)
         self._out = out if out is not log else None
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(self.proc, timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, proc: subprocess.Popen, timeout: float) -> None:
         import boto3
         from botocore.config import Config
 
@@ -145,8 +145,8 @@ class S3Server:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.data_dir / 'weed.log'}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}; see {self.data_dir / 'weed.log'}")
             try:
                 client.create_bucket(Bucket=probe)
                 client.put_object(Bucket=probe, Key="k", Body=b"ok")
@@ -167,8 +167,9 @@ class S3Server:
         for port in self._grpc_ports:  # weed's gRPC unix sockets, named by port, outlive a SIGKILL
             for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-grpc-{port}.sock"):
                 sock.unlink(missing_ok=True)
-        if getattr(self, "_out", None):
-            self._out.close()
+        out = getattr(self, "_out", None)
+        if out:
+            out.close()
             self._out = None
 
     def __enter__(self) -> S3Server:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     try:
-        while not stop and server.proc.poll() is None:
+        while not stop and server.proc and server.proc.poll() is None:
             time.sleep(0.5)
     finally:
         server.stop()
