@@ -132,8 +132,9 @@ POD_TEMPLATE_PY := import sys, yaml; docs = [d for d in yaml.safe_load_all(open(
   if d["kind"] == "ConfigMap" and "pod_template_file.yaml" in d.get("data", {})))
 
 .PHONY: lint helm-template
-lint: install $(HELM_DEP) ## ruff, hadolint on every Dockerfile, helm lint --strict of our chart (every values variant) and of the official chart with the overlay
+lint: install $(HELM_DEP) ## ruff, mypy, hadolint on every Dockerfile, helm lint --strict of our chart (every values variant) and of the official chart with the overlay
 	$(VENV)/bin/ruff check $(wildcard src dags tests bench requirements images)
+	$(VENV)/bin/mypy
 	$(HADOLINT) $(DOCKERFILES)
 	$(HELM) lint --strict $(CHART)
 	@set -e; for values in $(HELM_VARIANTS); do \
