@@ -34,7 +34,7 @@ test: install importers browser ## run the test suite (real S3 server, real Airf
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The pure unit tests (pytest marker `fast`, see pyproject.toml): config and schema errors, naming, zip guards
-# on ZipInfo, the NMS/letterbox ports, DAG and pod rendering offline, Dockerfiles, Makefile dry runs.
+# on ZipInfo, the NMS/letterbox ports, DAG rendering offline, Dockerfiles, Makefile dry runs.
 .PHONY: test-fast
 test-fast: install ## the fast subset: pure unit tests, no S3 server or model runs (under a minute)
 	$(PY) -m pytest -q -m "fast and not slow" $(PYTEST_ARGS)

@@ -13,8 +13,6 @@ from airflow.sdk.definitions.mappedoperator import MappedOperator
 from conftest import CI_VALUES, POD_TEMPLATES_ENV, render_pod_templates
 from dagtest import base, parse, rendered_pods, road_dags, write_roads
 
-pytestmark = pytest.mark.fast
-
 K8S_VERSION = "1.31"  # oldest Kubernetes the chart supports; the schema kubernetes-validate checks against
 A100 = ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-80GB-PCIe"]
 SECRET_VALUES = ("AKIAPARSEANDRENDER01", "s3cr3t-parse-and-render-value")
