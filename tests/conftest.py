@@ -135,7 +135,7 @@ def photos():
 def tiny_weights(tmp_path_factory):
     """(path, sha256) of a tiny random-init YOLOv5 (yolov5n.yaml at half width, 80 classes) saved in the
     official checkpoint format; its boxes are meaningless but deterministic (seed 0)."""
-    from answersheet.model import save_random_checkpoint
+    from answersheet.dev.random_init import save_random_checkpoint
 
     path = tmp_path_factory.mktemp("weights") / "tiny-yolov5.pt"
     sha = save_random_checkpoint(path, cfg="yolov5n.yaml", nc=80, width_multiple=0.125, seed=0)

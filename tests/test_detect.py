@@ -394,7 +394,7 @@ def tiny_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="session")
 def other_weights(tmp_path_factory) -> tuple[Path, str]:
     """Other tiny weights (seed 1): a valid checkpoint that the tiny ONNX was not exported from."""
-    from answersheet.model import save_random_checkpoint
+    from answersheet.dev.random_init import save_random_checkpoint
 
     path = tmp_path_factory.mktemp("other-weights") / "other.pt"
     return path, save_random_checkpoint(path, cfg="yolov5n.yaml", nc=80, width_multiple=0.125, seed=1)

@@ -5,8 +5,8 @@
   ONNX graph, load — and `LOADERS`, the backends by name (`torch_backend`, `onnx_backend`).
 - `preprocess` / `postprocess` / `slicing`: yolov5's decode + letterbox and NMS + scaling ported to
   numpy (byte-identical labels to `yolov5 detect --save-txt`), the road class head, sliced inference.
-- `weights`, `checkpoint`, `onnx_export`, `random_init`: model files, safe `.pt` loading, the ONNX
-  export and its bucket cache, random-init checkpoints for tests and the offline demo.
+- `weights`, `checkpoint`, `onnx_export`: model files, safe `.pt` loading, the ONNX export and its
+  bucket cache (random-init checkpoints for tests and the offline demo: answersheet.dev.random_init).
 
 Importing this package imports neither torch nor onnxruntime; each backend's runtime is imported
 when that backend is opened. The detect stage (answersheet.detect) only streams images through it.

@@ -68,7 +68,7 @@ def demo_weights(workdir: Path) -> tuple[Path, bool]:
     target = workdir / "yolov5n.pt"
     if download_official_weights(target):
         return target, True
-    from answersheet.model import save_random_checkpoint
+    from answersheet.dev.random_init import save_random_checkpoint
 
     save_random_checkpoint(target, cfg="yolov5n.yaml", nc=80)
     banner = "!" * 78
