@@ -670,10 +670,12 @@ def sweep_table(report: dict) -> str:
     def th(t: dict) -> str:
         return "/".join(f"{t[c]:g}" for c in VEHICLES)
 
+    same: dict[str, list[str]] = {}  # settings that differ only in per-class thresholds share one conf 0.001 pass
     for name, r in report["runs"].items():
-        sw = r.get("sweep")
-        if not sw:
-            continue
+        if r.get("sweep"):
+            same.setdefault(json.dumps(r["sweep"], sort_keys=True), []).append(name)
+    for key, names in same.items():
+        sw, name = json.loads(key), " = ".join(names)
         a, two = sw["all"], sw["two_fold"]
         floor = "" if a["map_floor_met"] else " (under 1.8x at any)"
         folds = ", ".join(th(f["thresholds"]) + ("" if f["map_floor_met"] else "*") for f in sw["folds"])
