@@ -10,7 +10,8 @@ What it does:
    weights, exports them once with `answersheet export-onnx` (the CPU backend), packs the 96 road-dev photos
    (../shared/datasets/road-dev: 1798 boxes of COCO car 2, motorcycle 3, bus 5, truck 7) as one day of
    side1/side2 archives at their own sizes, and ingests them with the real ingest stage.
-2. Per setting, `answersheet detect --force --backend onnx` as its own process through S3:
+2. Per setting, `answersheet detect --force --backend onnx` (`--backend openvino`: OpenVINO, bf16 where the
+   CPU runs it natively) as its own process through S3:
    - the operating pass (the setting's own thresholds): what the answer sheet gets. Its predictions file
      (confidences kept) gives **mAP@0.5 and mAP@0.5:0.95 of the sheet** — the issue's baseline "AP@0.5
      ≈ 0.18" is this figure for identity 640 — P/R/F1 and boxes/image; its cost: process CPU seconds
@@ -472,14 +473,15 @@ def run_measured(cmd: list[str], env: dict, logfile: Path) -> dict:
     return result
 
 
-def detect(store, roads: Path, env: dict, logfile: Path, startup: bool = False) -> tuple[dict, list[dict], dict]:
+def detect(store, roads: Path, env: dict, logfile: Path, startup: bool = False,
+           backend: str = "onnx") -> tuple[dict, list[dict], dict]:
     """One `answersheet detect --force` process: (cost, predictions lines, manifest). With `startup`, the
     same command is also run on an empty shard (index 998 of 999: no image): its CPU seconds are the
     start-up (imports, model download + sha256, ONNX session), taken off to give CPU seconds per image."""
     from answersheet.layout import DayLayout
 
     cmd = [str(BIN / "answersheet"), "detect", "--road", ROAD_ID, "--date", DAY.isoformat(),
-           "--config", str(roads), "--backend", "onnx", "--force"]
+           "--config", str(roads), "--backend", backend, "--force"]
     cost = run_measured(cmd, env, logfile)
     lay = DayLayout(ROAD_ID, DAY)
     manifest = store.get_json(lay.detect_manifest(0, 1))
@@ -535,6 +537,8 @@ def main() -> int:
     ap.add_argument("--no-model-only", action="store_true")
     ap.add_argument("--out", default=str(OUT / "accuracy.json"))
     ap.add_argument("--save-predictions", default=None, help="also write each pass's predictions lines here")
+    ap.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
+                    help="detect's backend (openvino: bf16 where the CPU has it natively, the CPU default there)")
     args = ap.parse_args()
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
@@ -559,7 +563,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
         "dataset": str(DATASET), "images": len(names), "gt_boxes": len(gt["annotations"]),
-        "weights": str(weights), "weights_sha256": sha, "backend": "onnx", "ap_conf": AP_CONF, "runs": {},
+        "weights": str(weights), "weights_sha256": sha, "backend": args.backend, "ap_conf": AP_CONF, "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp_name, \
             S3Server(Path(tmp_name) / "s3") as server:
@@ -576,7 +580,7 @@ def main() -> int:
         local_onnx = tmp / "model.onnx"
         local_onnx.write_bytes(store.get(exported["onnx"].split("/", 3)[3]))
         model = {"weights": weights_uri, "sha256": sha, "onnx": exported["onnx"],
-                 "onnx_sha256": exported["onnx_sha256"], "backend": "onnx"}
+                 "onnx_sha256": exported["onnx_sha256"], "backend": args.backend}
         log(f"ingesting {len(names)} road-dev photos as {len(names) // 2} sets of {'/'.join(CAMERAS)}")
         upload_day(store, ROAD_ID, DAY, build_day_archives(ROAD_ID, DAY, CAMERAS, len(names) // 2, photos))
         base_roads = roads_file(tmp / "roads.yaml", store.bucket, {}, model)
@@ -588,7 +592,8 @@ def main() -> int:
             detect_cfg = {**model, **det_over}
             roads = roads_file(tmp / f"roads-{i}.yaml", store.bucket, road_over, detect_cfg)
             log(f"{name}: operating pass")
-            cost, records, manifest = detect(store, roads, env, tmp / f"detect-{i}.log", startup=True)
+            cost, records, manifest = detect(store, roads, env, tmp / f"detect-{i}.log", startup=True,
+                                             backend=args.backend)
             save(args.save_predictions, name, "operating", records)
             if name == "identity 640":
                 baseline = records  # the sweep's constraints are measured against it
@@ -603,7 +608,7 @@ def main() -> int:
                 log(f"{name}: AP pass (conf {AP_CONF})")
                 ap_cfg = {**detect_cfg, "conf_thres": AP_CONF, "class_conf_thres": None}
                 ap_roads = roads_file(tmp / f"roads-{i}-ap.yaml", store.bucket, road_over, ap_cfg)
-                _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log")
+                _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log", backend=args.backend)
                 save(args.save_predictions, name, "ap", ap_records)
                 s = score(ap_records, gt)
                 run["ap"] = {k: s[k] for k in ("ap50", "ap50_95", "vehicle_ap50")}

@@ -208,7 +208,7 @@ def test_image_locks_keep_the_tested_versions():
     reqs = lock.read_pins(REPO / "images/detector/requirements.txt")
     pins = detector_lock()
     assert reqs == {name: pins[name] for name in reqs}  # the detector's own pins are in its lock as given
-    assert set(reqs) == {"torch", "torchvision", "yolov5", "onnx", "onnxruntime-gpu"}
+    assert set(reqs) == {"torch", "torchvision", "yolov5", "onnx", "onnxruntime-gpu", "openvino"}
     assert pins["setuptools"].split(".")[0] < "81"  # yolov5 7.0.14 imports pkg_resources
 
 

@@ -232,8 +232,8 @@ def check_opencv(ctx: Context) -> str:
 
 
 def check_imports(ctx: Context) -> str:
-    modules = ("onnxruntime", "yolov5.models.common", "yolov5.models.yolo", "answersheet.cli",
-               "answersheet.detector.checkpoint")
+    modules = ("onnxruntime", "openvino", "yolov5.models.common", "yolov5.models.yolo", "answersheet.cli",
+               "answersheet.detector.checkpoint", "answersheet.detector.openvino_backend")
     for module in modules:
         try:
             importlib.import_module(module)

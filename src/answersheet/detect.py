@@ -436,9 +436,14 @@ def detect_day(
     if not device.startswith("cuda"):
         batch_size = min(batch_size, CPU_MAX_BATCH)
     model_digest = [settings.sha256, (settings.onnx_sha256 or export_settings_hash(settings.imgsz))
-                    if backend == "onnx" else None]
+                    if backend != "torch" else None]
+    engine_id = backend
+    if backend == "openvino":  # its precision depends on the CPU (bf16 where native): part of the output
+        from answersheet.detector.openvino_backend import default_precision
+
+        engine_id = f"openvino-{default_precision()}"
     digest = manifest.inputs_digest(STAGE, ingest["outputs_digest"], rd.road.digest(STAGE), model_digest,
-                                    shard_index, shard_count, backend, device.split(":")[0])
+                                    shard_index, shard_count, engine_id, device.split(":")[0])
 
     def retry_failed_reads(existing: dict) -> bool:
         if any(f.get("retryable") for f in existing.get("failed", [])):
@@ -454,7 +459,7 @@ def detect_day(
             from answersheet.detector.postprocess import resolve_classes
 
             classes = resolve_classes(rd.road.id, rd.road.classes, settings, engine.names,
-                                      settings.onnx if backend == "onnx" and settings.onnx else settings.weights)
+                                      settings.onnx if backend != "torch" and settings.onnx else settings.weights)
             from answersheet.detector.preprocess import check_imgsz
 
             imgsz = check_imgsz(settings.imgsz, engine.stride)

@@ -1,14 +1,14 @@
 """Getting a model ready: one `open_backend` for every backend, which are registered by name in LOADERS.
 
-`open_backend` resolves the backend and device (`auto`: torch on a usable CUDA GPU, else ONNX Runtime
-on the CPU), fetches the weights and verifies them against detect.sha256 — always, also for the ONNX
-backend (yolov5n: 3.9 MB, ≈ 0.1 s) — then hands a `ModelFiles` to the backend's loader. A loader that
-runs an ONNX graph asks `files.onnx()` for it: detect.onnx verified against detect.onnx_sha256 or,
-without detect.onnx, the bucket's ONNX cache entry for detect.sha256 (exported once on a miss;
-onnx_export.cached_export). Either ONNX file must carry `source_sha256` = detect.sha256 in its
-metadata, checked once the backend has read it: so the lineage the manifest records (weights sha256 ->
-ONNX sha256) is always true. Nothing here imports torch unless the torch backend is opened or a CUDA
-device is probed for it.
+`open_backend` resolves the backend and device (`auto`: torch on a usable CUDA GPU, else OpenVINO bf16
+on a CPU that has it natively, else ONNX Runtime), fetches the weights and verifies them against
+detect.sha256 — always, also for the ONNX backends (yolov5n: 3.9 MB, ≈ 0.1 s) — then hands a
+`ModelFiles` to the backend's loader. A loader that runs an ONNX graph asks `files.onnx()` for it:
+detect.onnx verified against detect.onnx_sha256 or, without detect.onnx, the bucket's ONNX cache entry
+for detect.sha256 (exported once on a miss; onnx_export.cached_export). Either ONNX file must carry
+`source_sha256` = detect.sha256 in its metadata, checked once the backend has read it: so the lineage the
+manifest records (weights sha256 -> ONNX sha256) is always true. Nothing here imports torch unless the
+torch backend is opened or a CUDA device is probed for it.
 """
 
 from __future__ import annotations
@@ -99,13 +99,30 @@ def load_onnx(files: ModelFiles) -> Backend:
     return OnnxBackend(files.onnx(), files.device, threads=1 if cpu else None, sessions=streams)
 
 
+def load_openvino(files: ModelFiles) -> Backend:
+    """The same verified ONNX graph on OpenVINO's CPU plugin, one single-threaded stream per core (as ONNX
+    Runtime above); bf16 where the CPU has it natively (openvino_backend)."""
+    from answersheet.detector.openvino_backend import OpenVinoBackend
+
+    return OpenVinoBackend(files.onnx(), files.device, streams=min(CPUS, 8))
+
+
 # Every backend by name: registering another is one line (import its module inside its load function,
 # so that opening one backend never imports another's runtime).
 LOADERS: dict[str, Loader] = {
     "torch": Loader(load_torch, cuda=lambda index: index < _torch_cuda_count()),
     "onnx": Loader(load_onnx, cuda=lambda index: _ort_has_cuda()),
+    "openvino": Loader(load_openvino),  # CPU only
 }
-GPU_DEFAULT, CPU_DEFAULT = "torch", "onnx"  # what backend `auto` is, on a usable GPU / on the CPU
+GPU_DEFAULT = "torch"  # what backend `auto` is on a usable GPU; on the CPU: cpu_default()
+
+
+def cpu_default() -> str:
+    """What backend `auto` is on the CPU: openvino where OpenVINO is installed and the CPU runs bf16 natively
+    (1.6x ONNX Runtime fp32 model-only at 736x1280 on 2 cores), else onnx (OpenVINO f32 is no faster)."""
+    from answersheet.detector.openvino_backend import fast_cpu_default
+
+    return "openvino" if fast_cpu_default() else "onnx"
 
 
 def gpu_visible() -> bool:
@@ -119,7 +136,8 @@ def resolve_backend(backend: str, device: str) -> tuple[str, str]:
     """(backend, device) from the requested ones.
 
     device auto -> cuda:0 when a GPU is visible (and usable by the backend), else cpu; an explicit cuda
-    device must exist. backend auto -> torch on CUDA, else onnx (ONNX Runtime; no torch import at all).
+    device must exist. backend auto -> torch on CUDA, else cpu_default(): openvino (bf16) or onnx (ONNX
+    Runtime); no torch import at all on the CPU.
     """
     if backend != "auto" and backend not in LOADERS:
         raise AnswersheetError(f"--backend {backend!r}: must be one of auto, {', '.join(LOADERS)}")
@@ -134,7 +152,7 @@ def resolve_backend(backend: str, device: str) -> tuple[str, str]:
                                    "use --device cpu or auto")
         device = f"cuda:{index}"
     if backend == "auto":
-        backend = GPU_DEFAULT if device.startswith("cuda") else CPU_DEFAULT
+        backend = GPU_DEFAULT if device.startswith("cuda") else cpu_default()
     return backend, device
 
 
@@ -155,5 +173,7 @@ def open_backend(settings: DetectSettings, backend: str, device: str, scratch: s
     loaded = LOADERS[backend].load(files)
     if files.onnx_source is not None:
         check_onnx_source(files.onnx_source, loaded.metadata.get("source_sha256"), settings.sha256)
-    lineage.update(device=device, providers=list(loaded.providers), streams=loaded.streams)
+    # what the model computes in: f16 (torch on CUDA), f32, or OpenVINO's bf16 (labels close to the CLI's)
+    precision = getattr(loaded, "precision", None) or ("f16" if getattr(loaded, "half", False) else "f32")
+    lineage.update(device=device, precision=precision, providers=list(loaded.providers), streams=loaded.streams)
     return loaded, lineage
