@@ -635,8 +635,9 @@ def table(report: dict) -> str:
     runs = report["runs"]
     base = runs.get("identity 640", {}).get("cost", {})
     lines = [
-        f"{report['images']} road-dev photos, {report['gt_boxes']} boxes, {Path(report['weights']).name}, ONNX on "
-        f"CPU x{report['machine']['cpus']}, load average {report['machine']['load_average_at_start'][0]:.1f} at "
+        f"{report['images']} road-dev photos, {report['gt_boxes']} boxes, {Path(report['weights']).name}, "
+        f"{report.get('backend', 'onnx')} on CPU x{report['machine']['cpus']}, "
+        f"load average {report['machine']['load_average_at_start'][0]:.1f} at "
         f"start, {report['machine']['load_average_at_end'][0]:.1f} at end",
         "",
         "| setting | mAP@0.5 | mAP@0.5:0.95 | vehicle AP@0.5 | mAP@0.5 at conf 0.001 | P | R | F1 | P, <15 px FP "

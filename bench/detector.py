@@ -13,12 +13,15 @@ What it does, all in one run:
 2. (a) `yolov5 detect --weights W --source DIR --save-txt --conf-thres 0.25 --iou-thres 0.45 --imgsz 640`
    on the same JPEGs as local files (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, absolute weights path); also
    with `--nosave` (no annotated images), the fairer baseline.
-   (b) `answersheet detect --force --backend B` end to end through S3 for B in torch, onnx (exported
-   beforehand with `answersheet export-onnx` into S3 and configured).
+   (b) `answersheet detect --force --backend B` end to end through S3 for B in torch, onnx and openvino
+   (the last two run the same ONNX file, exported beforehand with `answersheet export-onnx` into S3 and
+   configured; openvino runs bf16 where the CPU has it natively, so its labels are close to, not identical
+   with, the CLI's).
    (c) `shipped default`: `answersheet detect --force --config dags/roads.yaml` — the roads file exactly as
-   shipped (backend auto, no detect.onnx): first with the bucket's ONNX cache empty (cold: the run
-   exports the weights once into models/.onnx-cache/, counted in its time), then again (warm: the run
-   reads and verifies the cached export). That is what a new user's CPU road gets without any step.
+   shipped (backend auto — OpenVINO bf16 on a CPU with native bf16, else ONNX Runtime — no detect.onnx):
+   first with the bucket's ONNX cache empty (cold: the run exports the weights once into
+   models/.onnx-cache/, counted in its time), then again (warm: the run reads and verifies the cached
+   export). That is what a new user's CPU road gets without any step.
    When the shipped road runs another input size than 640 (the example road: 1280, chosen by
    bench/accuracy.py), these two rows are compared with `yolov5 detect --imgsz <that size>` (a'), the
    CLI at the same input size; their label agreement is against it too (the road's class map and
@@ -27,7 +30,8 @@ What it does, all in one run:
    (GNU time: the largest process of the run's tree, i.e. the export child on the cold run), CPU seconds of
    the S3 server process, and label agreement with (a): the share of boxes matched one-to-one (same class,
    IoU > 0.9) and the share of byte-identical label files.
-3. Model-only throughput on synthetic tensors (1x3x384x640 and 4x3x384x640): torch and ONNX Runtime.
+3. Model-only throughput on synthetic tensors (1x3x384x640 and 4x3x384x640): torch, ONNX Runtime and
+   OpenVINO (its default precision here, as detect runs it).
 4. Peak RSS of `--backend onnx` at --rss-sizes images (memory must stay flat in the image count).
 
 Results: a table on stdout and bench/out/detector.json.
@@ -153,6 +157,7 @@ def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
 
     from answersheet.detector.checkpoint import load_checkpoint
     from answersheet.detector.onnx_backend import OnnxBackend
+    from answersheet.detector.openvino_backend import OpenVinoBackend, default_precision
     from answersheet.detector.torch_backend import TorchBackend
 
     cpus = len(os.sched_getaffinity(0))
@@ -161,6 +166,8 @@ def model_only(weights: Path, onnx_path: Path, seconds: float = 8.0) -> dict:
         "onnx": (OnnxBackend(onnx_path, "cpu"), 1),
         f"onnx 1 thread x {cpus} streams (what detect uses)": (
             OnnxBackend(onnx_path, "cpu", threads=1, sessions=cpus), cpus),
+        f"openvino {default_precision()} {cpus} streams x 1 thread (what detect uses)": (
+            OpenVinoBackend(onnx_path, "cpu", streams=cpus), cpus),
     }
     rng = np.random.default_rng(0)
     result = {}
@@ -234,7 +241,7 @@ def end_to_end(args, tmp: Path, env: dict, s3_pid: int, weights: Path, sha: str,
         runs[name] = run_measured(cmd, env, tmp / f"ours-{len(runs)}.log", s3_pid)
         runs[name]["labels"] = s3_labels(store)
         manifest = store.get_json(f"work/{ROAD}/{DAY:%Y%m%d}/detect/manifest-000-of-001.json")
-        runs[name]["engine"] = {k: manifest["model"].get(k) for k in ("backend", "device", "providers",
+        runs[name]["engine"] = {k: manifest["model"].get(k) for k in ("backend", "precision", "device", "providers",
                                                                        "batch_size", "onnx", "onnx_cache")}
 
     log("export-onnx (one-time, not timed in the detect runs)")
@@ -245,7 +252,7 @@ def end_to_end(args, tmp: Path, env: dict, s3_pid: int, weights: Path, sha: str,
                             {**detect, "onnx": exported["onnx"], "onnx_sha256": exported["onnx_sha256"]})
     for backend in args.backends:
         log(f"(b) answersheet detect --backend {backend}")
-        ours(f"answersheet detect --backend {backend}", onnx_roads if backend == "onnx" else roads,
+        ours(f"answersheet detect --backend {backend}", onnx_roads if backend != "torch" else roads,
              "--backend", backend)
 
     shipped, how = shipped_roads(tmp, sha)
@@ -277,7 +284,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--weights", default=os.environ.get("ANSWERSHEET_WEIGHTS")
                     or str(REPO.parent / "shared" / "models" / "yolov5n.pt"))
-    ap.add_argument("--backends", nargs="+", default=["torch", "onnx"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnx", "openvino"])
     ap.add_argument("--rss-sizes", type=int, nargs="*", default=[100, 2000])
     ap.add_argument("--rss-backend", default="onnx")
     ap.add_argument("--no-nosave", action="store_true", help="skip the `yolov5 detect --nosave` baseline")
@@ -356,12 +363,14 @@ def main() -> int:
     (OUT / "detector.json").write_text(json.dumps(report, indent=2))
     print(f"\n{args.images} images {SIZE[0]}x{SIZE[1]}, {weights.name}, CPU x{os.cpu_count()}, "
           f"load average {report['machine']['load_average_at_start'][0]:.2f} at start\n")
-    print("| run | wall s | CPU s | S3 server CPU s | img/s | vs CLI | peak RSS MiB | boxes matched "
+    print("| run | engine | wall s | CPU s | S3 server CPU s | img/s | vs CLI | peak RSS MiB | boxes matched "
           "| identical files |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in report["end_to_end"].items():
         label = f"`{name}`" + (f" (vs `{r['baseline']}`)" if r.get("baseline") else "")
-        print(f"| {label} | {r['seconds']} | {r['cpu_seconds']} | {r['s3_server_cpu_seconds']} | {r['images_per_s']} "
+        engine = " ".join(str(r["engine"][k]) for k in ("backend", "precision")) if "engine" in r else "yolov5"
+        print(f"| {label} | {engine} "
+              f"| {r['seconds']} | {r['cpu_seconds']} | {r['s3_server_cpu_seconds']} | {r['images_per_s']} "
               f"| {r['speedup_vs_cli']}x "
               f"| {r['peak_rss_mib']} "
               f"| {r['boxes_matched_share']:.2%} | {r['identical_label_files_share']:.2%} |")
