@@ -17,8 +17,9 @@ float /255 conversion is compiled into the model (PrePostProcessor), so no float
 in numpy. Each letterbox shape (H, W) gets its own compiled model with a static 1x3xHxW input — images
 of one size share one shape, so a road day compiles once (~0.2-0.45 s) — with `streams` CPU streams of one
 thread each and one infer request per stream, like the ONNX Runtime path's one single-threaded session per
-core. Static shapes were faster than dynamic ones on this machine (noisy, shared: static batch-1 8.8-14.5
-img/s vs dynamic batch 6.4-10.2 img/s in the same runs). No torch import on this path.
+core. A static input beat the fully dynamic model by ~14 % (1x3x736x1280, bf16, 2 streams, interleaved
+bursts on the shared 2-core machine at load average ~9: medians 4.9 vs 4.3 img/s); a static batch of 4
+was no faster than 4 single-image runs. No torch import on this path.
 """
 
 from __future__ import annotations
