@@ -64,7 +64,7 @@ BAD_ROADS = [
     ({"bucket": "Answer_Sheet"}, "bucket", "not a valid S3 bucket name, got 'Answer_Sheet'"),
     ({"detect": {"conf_thres": float("nan")}}, "detect.conf_thres", "must be a finite number in [0, 1], got nan"),
     ({"detect": {"imgsz": 650}}, "detect.imgsz", "must be a multiple of 32, got 650"),
-    ({"detect": {"backend": "tensorrt"}}, "detect.backend", "must be one of ('auto', 'torch', 'onnx')"),
+    ({"detect": {"backend": "tensorrt"}}, "detect.backend", "must be one of ('auto', 'torch', 'onnx', 'openvino')"),
     ({"ingest": {"max_ratio": float("inf")}}, "ingest.max_ratio", "must be a finite number in [1, 1e+06], got inf"),
     ({"cameras": ["front", "side_1"]}, "cameras", "item 1: camera names are lowercase letters and digits"),
     ({"schedule": {"timezone": "Asia/Seol"}}, "schedule.timezone", "not an IANA time zone"),

@@ -2,7 +2,7 @@
 
 Inputs: the ingest manifest (images with `selected: true`, sorted by name; image i belongs to shard
 i % shard_count) and a YOLOv5 checkpoint (local path or s3:// URI) verified against `detect.sha256`
-— and, for the `onnx` backend, `detect.onnx` verified against `detect.onnx_sha256`, or without one the
+— and, for the `onnx` and `openvino` backends, `detect.onnx` verified against `detect.onnx_sha256`, or without one the
 bucket's ONNX cache entry for those weights (exported once, then reused by every run and shard). An
 ONNX file must say (metadata `source_sha256`) that it was exported from `detect.sha256`'s weights.
 
