@@ -12,7 +12,10 @@ Runtime there (all 19).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,18 +150,46 @@ def test_openvino_on_cuda_is_one_clear_line():
         OpenVinoBackend(Path("unused.onnx"), "cuda:0")
 
 
-def test_openvino_path_opens_and_runs_without_importing_torch(tiny_weights, tmp_path):
-    """open_backend with OpenVINO, the numpy pre/post-processing and the stage module never import torch or
-    yolov5, in a fresh interpreter; the lineage names the engine and its precision."""
-    import json
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def tiny_onnx_file(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
     from answersheet.detector.onnx_export import export_in_subprocess
 
     weights, sha = tiny_weights
-    onnx_path = tmp_path / "tiny.onnx"
-    onnx_sha = export_in_subprocess(weights, onnx_path, 320, sha)
+    out = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
+    return out, export_in_subprocess(weights, out, 320, sha)
+
+
+def test_first_inferences_on_two_threads_at_once_do_not_deadlock(tiny_onnx_file):
+    """Two inference threads making their first `infer` at the same moment, right after the backend opened
+    (what detect's two streams do): OpenVINO's lazily initialised numpy glue deadlocked there in 4 of 6
+    fresh processes before the backend warmed it up on the opening thread. Fresh interpreters, since the
+    glue initialises once per process."""
+    code = f"""if True:
+        import threading
+        import numpy as np
+        from answersheet.detector.openvino_backend import OpenVinoBackend
+        backend = OpenVinoBackend({str(tiny_onnx_file[0])!r}, "cpu", streams=2)
+        barrier = threading.Barrier(2)
+        def first_infer():
+            barrier.wait()
+            backend.infer(np.zeros((1, 3, 64, 96), np.uint8))
+        threads = [threading.Thread(target=first_infer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print("done")
+    """
+    for _ in range(4):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "done"), proc.stderr[-2000:]
+
+
+def test_openvino_path_opens_and_runs_without_importing_torch(tiny_weights, tiny_onnx_file, tmp_path):
+    """open_backend with OpenVINO, the numpy pre/post-processing and the stage module never import torch or
+    yolov5, in a fresh interpreter; the lineage names the engine and its precision."""
+    weights, sha = tiny_weights
+    onnx_path, onnx_sha = tiny_onnx_file
     roads = write_roads_file(tmp_path / "roads.yaml", "answersheet", classes=COCO80,
                              detect={"weights": str(weights), "sha256": sha, "onnx": str(onnx_path),
                                      "onnx_sha256": onnx_sha, "class_map": "identity", "class_conf_thres": None,

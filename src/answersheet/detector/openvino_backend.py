@@ -129,6 +129,24 @@ class OpenVinoBackend:
         self.oom_above = oom_above()
         self._compiled: OrderedDict[tuple[int, int], tuple[Any, queue.SimpleQueue]] = OrderedDict()
         self._lock = threading.Lock()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny inference on the opening thread, before detect's inference threads start.
+
+        OpenVINO's Python binding initialises its numpy glue lazily, in a function-local static whose
+        initialiser drops and re-takes the GIL: two threads making their first `infer` at once deadlocked
+        (seen twice: a detect run and a test stuck for minutes, every thread waiting on a futex, one in
+        `__cxa_guard_acquire` holding the GIL, one in pybind11's call_once waiting for it). Doing the first
+        numpy -> tensor -> numpy round trip here initialises it once. It also compiles the graph now, so
+        a graph OpenVINO cannot compile fails at open time with one line."""
+        side = self.stride
+        try:
+            self.infer(np.zeros((1, 3, side, side), np.uint8))
+        except RuntimeError as exc:
+            raise AnswersheetError(f"{self.path}: OpenVINO cannot compile it ({_first_line(exc)})") from None
+        with self._lock:
+            self._compiled.pop((side, side), None)  # not a road image's shape: free its slot
 
     @property
     def nc(self) -> int:
