@@ -29,8 +29,8 @@ from answersheet.detector.onnx_backend import OnnxBackend
 from answersheet.detector.openvino_backend import OpenVinoBackend, default_precision, fast_cpu_default
 from answersheet.detector.postprocess import candidates, label_text, nms
 from answersheet.detector.preprocess import decode_bgr, letterbox_chw
+from answersheet.dev.label_agreement import agreement
 from answersheet.errors import AnswersheetError
-from answersheet.label_agreement import agreement
 from answersheet.layout import DayLayout
 
 pytest.importorskip("openvino")  # a project dependency (extra `detect`): absent only in a partial install
@@ -236,8 +236,8 @@ def test_shipped_default_detect_runs_openvino_from_the_onnx_cache_and_records_pr
     inputs digest names the engine), and then the labels come from ONNX Runtime fp32."""
     from answersheet.config import load_road
     from answersheet.day import RoadDay
+    from answersheet.dev.sample_day import build_day_archives, upload_day
     from answersheet.ingest import ingest_day
-    from answersheet.sample_day import build_day_archives, upload_day
 
     path, sha = tiny_weights
     store.put("models/tiny.pt", path.read_bytes())
