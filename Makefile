@@ -130,6 +130,12 @@ AIRFLOW_CHART_ABSENT := $(AIRFLOW_CHART_DIR)/Chart.yaml not found: the official 
 POD_TEMPLATE_PY := import sys, yaml; docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]; \
   sys.stdout.write(next(d["data"]["pod_template_file.yaml"] for d in docs \
   if d["kind"] == "ConfigMap" and "pod_template_file.yaml" in d.get("data", {})))
+# Our chart's stage pod templates (ConfigMap answersheet-pod-templates, one Pod per profile) as files of their
+# own, so kubernetes-validate checks each as the Pod it becomes, not only as ConfigMap text.
+STAGE_PODS_PY := import pathlib, sys, yaml; src = pathlib.Path(sys.argv[1]); \
+  docs = [d for d in yaml.safe_load_all(src.read_text()) if d]; \
+  [src.with_name(f"{src.stem}-stagepod-{k}").write_text(v) for d in docs \
+   if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("pod-templates") for k, v in d["data"].items()]
 
 .PHONY: lint helm-template
 lint: install $(HELM_DEP) ## ruff, mypy, hadolint on every Dockerfile, helm lint --strict of our chart (every values variant) and of the official chart with the overlay
@@ -154,7 +160,8 @@ helm-template: install $(HELM_DEP) ## render our chart per helm/ci variant and t
 	@set -e; for values in $(HELM_VARIANTS); do \
 	  out=$(HELM_TEMPLATE_DIR)/$$(basename $$values -values.yaml).yaml; \
 	  echo "$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out"; \
-	  $(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out; done
+	  $(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) -f $$values --set-file roadsYaml=$(ROADS_FILE) > $$out; \
+  $(PY) -c '$(STAGE_PODS_PY)' $$out; done
 	@set -eo pipefail; out=$(HELM_TEMPLATE_DIR)/airflow; \
 	if [ ! -f "$(AIRFLOW_CHART_DIR)/Chart.yaml" ]; then echo "helm-template: $(AIRFLOW_CHART_ABSENT)"; exit 0; fi; \
 	echo "$(HELM) template $(AIRFLOW_RELEASE) $(AIRFLOW_CHART_DIR) --namespace $(NAMESPACE) -f $(AIRFLOW_OVERLAY) > $$out.yaml"; \

@@ -33,9 +33,26 @@ def rendered(helm, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("helm-template")
     proc = make("helm-template", f"HELM_TEMPLATE_DIR={out}", f"HELM={helm}", f"NAMESPACE={NAMESPACE}")
     assert proc.returncode == 0, f"make helm-template failed:\n{proc.stdout}\n{proc.stderr}"
-    files = {p.stem: p for p in out.glob("*.yaml") if not p.stem.startswith("airflow")}
+    files = {p.stem: p for p in out.glob("*.yaml") if not p.stem.startswith("airflow") and "-stagepod-" not in p.stem}
     assert sorted(files) == VARIANTS
     return files
+
+
+def test_helm_template_validates_each_stage_pod_template_as_a_pod(rendered):
+    """The pod templates travel as ConfigMap text; `make helm-template` also writes each one out as a file of
+    its own (`<variant>-stagepod-<profile>.yaml`), so kubernetes-validate --strict checks it as the Pod the
+    KubernetesPodOperator builds from it (a typo in a template would otherwise pass as a valid string)."""
+    for variant, path in rendered.items():
+        if variant == "bare":
+            continue
+        (cm,) = [d for d in docs_of(rendered, variant) if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"].endswith("pod-templates")]
+        written = {p.name.removeprefix(f"{variant}-stagepod-"): p for p in path.parent.glob(f"{variant}-stagepod-*")}
+        assert sorted(written) == sorted(cm["data"])
+        assert {"preprocess-default.yaml", "detector-a100.yaml"} <= set(written)
+        for name, file in written.items():
+            assert file.read_text(encoding="utf-8") == cm["data"][name]
+            assert yaml.safe_load(cm["data"][name])["kind"] == "Pod"
 
 
 def docs_of(rendered: dict[str, Path], variant: str) -> list[dict]:
