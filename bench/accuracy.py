@@ -37,6 +37,13 @@ What it does:
 5. Model CPU ms per image: the ONNX model alone (one single-threaded session, as each detect stream) over
    the same letterboxed views — the full frame, plus the image's tiles as one batch — by thread CPU time.
 
+On a GPU (the issue's GPU table, when a device machine is lent): `--backend torch --device cuda` runs the same
+passes with the torch backend in fp16 (tiles of an image as one batch), adds GPU utilisation (mean / max %,
+`nvidia-smi` every 200 ms) and peak GPU memory per pass, and skips the CPU model-only column:
+
+    .venv/bin/python bench/accuracy.py --backend torch --device cuda --out bench/out/accuracy-gpu.json \
+        --settings "identity 640" "road 1280 + swept thresholds" "road 640 + slices 640" "road 640 + slices 960"
+
 Results: a markdown table on stdout and bench/out/accuracy.json.
 """
 
@@ -50,6 +57,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -455,18 +463,45 @@ def roads_file(path: Path, bucket: str, road: dict, detect: dict) -> Path:
     return path
 
 
+class GpuSampler:
+    """GPU utilisation and memory while one detect process runs: `nvidia-smi` sampled every 200 ms (the issue's
+    GPU table reports utilisation). Off (no columns) where no nvidia-smi is on PATH, i.e. on CPU machines."""
+
+    QUERY = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200"]
+
+    def __init__(self) -> None:
+        self.smi = shutil.which("nvidia-smi")
+        self.proc: subprocess.Popen | None = None
+        self.result: dict = {}
+
+    def __enter__(self) -> GpuSampler:
+        if self.smi:
+            self.proc = subprocess.Popen([self.smi, *self.QUERY], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            rows = [[float(x) for x in line.split(",")[:2]] for line in out.splitlines() if line.count(",") >= 1]
+            if rows:
+                util = [r[0] for r in rows]
+                self.result = {"gpu_util_mean": round(sum(util) / len(util), 1), "gpu_util_max": max(util),
+                               "gpu_mem_mib_max": max(r[1] for r in rows)}
+
+
 def run_measured(cmd: list[str], env: dict, logfile: Path) -> dict:
-    """Wall seconds, CPU seconds and peak RSS (MiB, GNU time) of one process."""
+    """Wall seconds, CPU seconds and peak RSS (MiB, GNU time) of one process (+ GPU utilisation on a GPU)."""
     timing = logfile.with_suffix(".time")
     full = [str(GNU_TIME), "-o", str(timing), "-f", "%e %U %S %M", *cmd] if GNU_TIME.exists() else cmd
     t0 = time.perf_counter()
-    with open(logfile, "wb") as out:
+    with open(logfile, "wb") as out, GpuSampler() as gpu:
         proc = subprocess.run(full, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}); see {logfile}:\n"
                          + logfile.read_text(errors="replace")[-3000:])
-    result = {"wall_s": round(wall, 2)}
+    result = {"wall_s": round(wall, 2), **gpu.result}
     if GNU_TIME.exists():
         _, user, system, max_kb = timing.read_text().split()[-4:]
         result.update(cpu_s=round(float(user) + float(system), 2), peak_rss_mib=round(int(max_kb) / 1024, 1))
@@ -474,14 +509,14 @@ def run_measured(cmd: list[str], env: dict, logfile: Path) -> dict:
 
 
 def detect(store, roads: Path, env: dict, logfile: Path, startup: bool = False,
-           backend: str = "onnx") -> tuple[dict, list[dict], dict]:
+           backend: str = "onnx", device: str = "cpu") -> tuple[dict, list[dict], dict]:
     """One `answersheet detect --force` process: (cost, predictions lines, manifest). With `startup`, the
     same command is also run on an empty shard (index 998 of 999: no image): its CPU seconds are the
     start-up (imports, model download + sha256, ONNX session), taken off to give CPU seconds per image."""
     from answersheet.layout import DayLayout
 
     cmd = [str(BIN / "answersheet"), "detect", "--road", ROAD_ID, "--date", DAY.isoformat(),
-           "--config", str(roads), "--backend", backend, "--force"]
+           "--config", str(roads), "--backend", backend, "--device", device, "--force"]
     cost = run_measured(cmd, env, logfile)
     lay = DayLayout(ROAD_ID, DAY)
     manifest = store.get_json(lay.detect_manifest(0, 1))
@@ -537,8 +572,10 @@ def main() -> int:
     ap.add_argument("--no-model-only", action="store_true")
     ap.add_argument("--out", default=str(OUT / "accuracy.json"))
     ap.add_argument("--save-predictions", default=None, help="also write each pass's predictions lines here")
-    ap.add_argument("--backend", default="onnx", choices=("onnx", "openvino"),
-                    help="detect's backend (openvino: bf16 where the CPU has it natively, the CPU default there)")
+    ap.add_argument("--backend", default="onnx", choices=("onnx", "openvino", "torch"),
+                    help="detect's backend (openvino: bf16 where the CPU has it natively, the CPU default there; "
+                         "torch with --device cuda: the GPU table, fp16, tiles of an image batched)")
+    ap.add_argument("--device", default="cpu", help="detect's --device: cpu | cuda[:N] (torch on a GPU)")
     args = ap.parse_args()
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
@@ -563,7 +600,8 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
         "dataset": str(DATASET), "images": len(names), "gt_boxes": len(gt["annotations"]),
-        "weights": str(weights), "weights_sha256": sha, "backend": args.backend, "ap_conf": AP_CONF, "runs": {},
+        "weights": str(weights), "weights_sha256": sha, "backend": args.backend, "device": args.device,
+        "ap_conf": AP_CONF, "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp_name, \
             S3Server(Path(tmp_name) / "s3") as server:
@@ -593,7 +631,7 @@ def main() -> int:
             roads = roads_file(tmp / f"roads-{i}.yaml", store.bucket, road_over, detect_cfg)
             log(f"{name}: operating pass")
             cost, records, manifest = detect(store, roads, env, tmp / f"detect-{i}.log", startup=True,
-                                             backend=args.backend)
+                                             backend=args.backend, device=args.device)
             save(args.save_predictions, name, "operating", records)
             if name == "identity 640":
                 baseline = records  # the sweep's constraints are measured against it
@@ -608,14 +646,15 @@ def main() -> int:
                 log(f"{name}: AP pass (conf {AP_CONF})")
                 ap_cfg = {**detect_cfg, "conf_thres": AP_CONF, "class_conf_thres": None}
                 ap_roads = roads_file(tmp / f"roads-{i}-ap.yaml", store.bucket, road_over, ap_cfg)
-                _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log", backend=args.backend)
+                _, ap_records, _ = detect(store, ap_roads, env, tmp / f"detect-{i}-ap.log", backend=args.backend,
+                                          device=args.device)
                 save(args.save_predictions, name, "ap", ap_records)
                 s = score(ap_records, gt)
                 run["ap"] = {k: s[k] for k in ("ap50", "ap50_95", "vehicle_ap50")}
                 if baseline:
                     log(f"{name}: per-class threshold sweep")
                     run["sweep"] = sweep(ap_records, gt, scene_of, baseline)
-            if not args.no_model_only:
+            if not args.no_model_only and args.device == "cpu":  # the ONNX model on one CPU core
                 run["cost"]["model_cpu_ms_per_image"] = model_only(local_onnx, photos, load_road(roads, ROAD_ID))
             report["runs"][name] = run
             o = run["operating"]
@@ -636,14 +675,14 @@ def table(report: dict) -> str:
     base = runs.get("identity 640", {}).get("cost", {})
     lines = [
         f"{report['images']} road-dev photos, {report['gt_boxes']} boxes, {Path(report['weights']).name}, "
-        f"{report.get('backend', 'onnx')} on CPU x{report['machine']['cpus']}, "
+        f"{report.get('backend', 'onnx')} on {report.get('device', 'cpu')} (CPU x{report['machine']['cpus']}), "
         f"load average {report['machine']['load_average_at_start'][0]:.1f} at "
         f"start, {report['machine']['load_average_at_end'][0]:.1f} at end",
         "",
         "| setting | mAP@0.5 | mAP@0.5:0.95 | vehicle AP@0.5 | mAP@0.5 at conf 0.001 | P | R | F1 | P, <15 px FP "
         "ignored | F1, <15 px FP ignored | boxes/img | CPU ms/img end to end | model CPU ms/img | cost vs identity 640 "
-        "| img/s (wall) | peak RSS MiB |",
-        "| --- |" + " ---: |" * 15,
+        "| img/s (wall) | peak RSS MiB | GPU util % mean / max | GPU MiB |",
+        "| --- |" + " ---: |" * 17,
     ]
 
     def f3(v) -> str:
@@ -658,9 +697,14 @@ def table(report: dict) -> str:
             f"| {f3(a.get('ap50'))} | {o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} "
             f"| {o['precision_ignore_small']:.3f} | {o['f1_ignore_small']:.3f} | {o['boxes_per_image']:.1f} "
             f"| {c.get('cpu_ms_per_image', '')} | {c.get('model_cpu_ms_per_image', '')} | {rel} "
-            f"| {c['images_per_s']} | {c.get('peak_rss_mib', '')} |")
+            f"| {c['images_per_s']} | {c.get('peak_rss_mib', '')} "
+            f"| {gpu_util(c)} | {c.get('gpu_mem_mib_max', '–')} |")
     return "\n".join(lines)
 
+
+
+def gpu_util(cost: dict) -> str:
+    return f"{cost['gpu_util_mean']} / {cost['gpu_util_max']:g}" if "gpu_util_mean" in cost else "–"
 
 
 def sweep_table(report: dict) -> str:
