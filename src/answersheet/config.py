@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,18 @@ from answersheet.errors import ConfigError
 # ROAD_KEYS and deep_merge are re-exported: bench/, demo and the tests merge roads as the reader does
 from answersheet.roadsfile import ROAD_KEYS, ROAD_SCHEMA, RoadsFileError, check_road, deep_merge, read_roads  # noqa: F401
 
-DEFAULT_CAMERAS = ("front", "rear", "left", "right", "side1", "side2")
+
+def _default(*path: str) -> Any:
+    """The schema's `default` of a road key (e.g. "detect", "conf_thres"): roads.schema.json owns every default,
+    the dataclasses below only repeat its values by reference."""
+    node = ROAD_SCHEMA
+    for key in path:
+        node = node["properties"][key]
+    value = node["default"]
+    return tuple(value) if isinstance(value, list) else value
+
+
+DEFAULT_CAMERAS: tuple[str, ...] = _default("cameras")
 # the detector backends: the schema's enum for detect.backend is their one definition
 BACKENDS: tuple[str, ...] = tuple(ROAD_SCHEMA["properties"]["detect"]["properties"]["backend"]["enum"])
 
@@ -28,23 +39,23 @@ class SliceSettings:
     no tile holds whole); the views' boxes are merged per class by `merge` (`greedy_nmm`: the union of
     boxes whose `match_metric` >= `match_threshold`, SAHI's default; or `nms`)."""
 
-    size: tuple[int, int] = (640, 640)
-    overlap: float = 0.2
-    imgsz: int = 640
-    merge: str = "greedy_nmm"
-    match_metric: str = "ios"
-    match_threshold: float = 0.5
+    size: tuple[int, int] = (_default("detect", "slices", "size"),) * 2
+    overlap: float = float(_default("detect", "slices", "overlap"))
+    imgsz: int = _default("detect", "slices", "imgsz")
+    merge: str = _default("detect", "slices", "merge")
+    match_metric: str = _default("detect", "slices", "match_metric")
+    match_threshold: float = float(_default("detect", "slices", "match_threshold"))
 
 
 @dataclass(frozen=True)
 class IngestLimits:
     """Zip-safety limits and upload concurrency for ingest."""
 
-    max_member_bytes: int = 50 * 1024 * 1024
-    max_total_bytes: int = 20 * 1024 * 1024 * 1024
-    max_ratio: float = 100.0
-    max_members: int = 200_000
-    workers: int = 16
+    max_member_bytes: int = _default("ingest", "max_member_bytes")  # 50 MiB
+    max_total_bytes: int = _default("ingest", "max_total_bytes")  # 20 GiB
+    max_ratio: float = float(_default("ingest", "max_ratio"))
+    max_members: int = _default("ingest", "max_members")
+    workers: int = _default("ingest", "workers")
 
 
 @dataclass(frozen=True)
@@ -56,14 +67,14 @@ class DetectSettings:
     sha256: str
     onnx: str | None = None
     onnx_sha256: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    conf_thres: float = 0.25
-    iou_thres: float = 0.45
-    imgsz: int = 640
-    max_det: int = 1000
-    batch_size: int = 16
-    shards: int = 1
+    backend: str = _default("detect", "backend")
+    device: str = _default("detect", "device")
+    conf_thres: float = float(_default("detect", "conf_thres"))
+    iou_thres: float = float(_default("detect", "iou_thres"))
+    imgsz: int = _default("detect", "imgsz")
+    max_det: int = _default("detect", "max_det")
+    batch_size: int = _default("detect", "batch_size")
+    shards: int = _default("detect", "shards")
     # model class name -> road class name (None: dropped); None = identity (the model's classes as they are)
     class_map: tuple[tuple[str, str | None], ...] | None = None
     class_conf_thres: tuple[tuple[str, float], ...] = ()  # road class name -> its own confidence threshold
@@ -81,17 +92,14 @@ class DetectSettings:
         }
 
 
-DETECT_DEFAULTS = {f.name: f.default for f in fields(DetectSettings) if f.default is not MISSING}
-
-
 @dataclass(frozen=True)
 class SheetSettings:
     """How the answer sheet is published: image URLs of the Label Studio tasks, drift history, report size."""
 
-    image_urls: str = "s3"  # s3:// URIs (Label Studio resolves them through a connected S3 storage) | presigned
-    presign_expiry_s: int = 7 * 24 * 3600  # presigned URL lifetime (S3's SigV4 maximum is 7 days)
-    drift_days: int = 5  # compare each camera with the road's last N published days
-    report_samples: int = 6  # images per report sample section
+    image_urls: str = _default("sheet", "image_urls")  # s3:// URIs (resolved by a Label Studio S3 storage) | presigned
+    presign_expiry_s: int = _default("sheet", "presign_expiry_s")  # URL lifetime (SigV4's maximum: 7 days)
+    drift_days: int = _default("sheet", "drift_days")  # compare each camera with the road's last N published days
+    report_samples: int = _default("sheet", "report_samples")  # images per report sample section
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,8 @@ class RoadConfig:
     detect: DetectSettings
     schedule: dict[str, Any] = field(default_factory=dict)
     kubernetes: dict[str, Any] = field(default_factory=dict)
-    unlabelled_labels: str = "none"  # none: no label file for images not sent to the detector | empty
+    # none: no label file for images not sent to the detector | empty
+    unlabelled_labels: str = _default("unlabelled_labels")
     sheet: SheetSettings = field(default_factory=SheetSettings)
 
     @property
@@ -189,7 +198,7 @@ def validate_road(raw: dict) -> RoadConfig:
     cameras = tuple(raw.get("cameras", DEFAULT_CAMERAS))
     classes = tuple(raw["classes"])
     det = raw["detect"]
-    dcams = det.get("cameras", ["side1", "side2"])
+    dcams = det.get("cameras", _default("detect", "cameras"))
     dcams = cameras if dcams == "all" else tuple(dcams)
     for cam in dcams:
         if cam not in cameras:
@@ -216,10 +225,11 @@ def validate_road(raw: dict) -> RoadConfig:
     limits = IngestLimits(**{k: v for k, v in ing.items() if v is not None})
     limits = replace(limits, max_ratio=float(limits.max_ratio))
     return RoadConfig(
-        id=road, name=raw.get("name", road), bucket=raw.get("bucket", "answersheet"), cameras=cameras,
-        classes=classes, short_set_policy=raw.get("short_set_policy", "fill"), ingest=limits, detect=detect,
-        schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
-        unlabelled_labels=raw.get("unlabelled_labels", "none"), sheet=SheetSettings(**(raw.get("sheet") or {})),
+        id=road, name=raw.get("name", road), bucket=raw.get("bucket", _default("bucket")), cameras=cameras,
+        classes=classes, short_set_policy=raw.get("short_set_policy", _default("short_set_policy")), ingest=limits,
+        detect=detect, schedule=dict(raw.get("schedule") or {}), kubernetes=dict(raw.get("kubernetes") or {}),
+        unlabelled_labels=raw.get("unlabelled_labels", _default("unlabelled_labels")),
+        sheet=SheetSettings(**(raw.get("sheet") or {})),
     )
 
 
@@ -227,10 +237,10 @@ def _slices(value: Any) -> SliceSettings | None:
     """`detect.slices` (schema-checked): null/false = off; `size` as one number or [width, height]."""
     if value is None or value is False:
         return None
-    size = value.get("size", 640)
+    base = SliceSettings(**{k: v for k, v in value.items() if k != "size"})
+    size = value.get("size", base.size)
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return replace(SliceSettings(**{k: v for k, v in value.items() if k != "size"}), size=size,
-                   overlap=float(value.get("overlap", 0.2)), match_threshold=float(value.get("match_threshold", 0.5)))
+    return replace(base, size=size, overlap=float(base.overlap), match_threshold=float(base.match_threshold))
 
 
 def load_road(path: str | Path, road_id: str) -> RoadConfig:
