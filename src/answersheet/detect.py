@@ -46,11 +46,17 @@ from botocore.exceptions import (
 from answersheet import manifest, stage
 from answersheet.config import BACKENDS, DetectSettings
 from answersheet.day import RoadDay
-from answersheet.detector import CPUS, Backend, BatchTooLarge, open_backend
-from answersheet.detector import resolve_backend as resolve_engine  # noqa: F401 - detect_day's name for it
+from answersheet.detector import CPUS, Backend, BatchTooLarge, open_backend, resolve_backend
 from answersheet.detector.onnx_export import export_settings_hash
-from answersheet.detector.postprocess import RoadClasses, candidates, detections, image_boxes
-from answersheet.detector.preprocess import BadImage, Prepared, prepare
+from answersheet.detector.postprocess import (
+    RoadClasses,
+    candidates,
+    detections,
+    image_boxes,
+    predictions_jsonl,
+    resolve_classes,
+)
+from answersheet.detector.preprocess import BadImage, Prepared, check_imgsz, prepare
 from answersheet.errors import AnswersheetError, printable
 from answersheet.layout import LABEL_SUFFIX, DayLayout
 from answersheet.naming import ImageName
@@ -180,32 +186,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
-@dataclass
-class Engine:
-    """An open backend and its lineage (the manifest's `model`), as detect_day uses them."""
-
-    backend: Backend
-    model: dict[str, Any]
-
-    @property
-    def stride(self) -> int:
-        return self.backend.stride
-
-    @property
-    def names(self) -> dict[int, str]:
-        return self.backend.names
-
-    @property
-    def streams(self) -> int:  # concurrent inference calls
-        return self.backend.streams
-
-
-def load_engine(settings: DetectSettings, backend: str, device: str, scratch: str,
-                store: Store | None = None) -> Engine:
-    """The detector's backend for these settings (answersheet.detector.open_backend); no stage output is written."""
-    return Engine(*open_backend(settings, backend, device, scratch, store))
-
-
 def shard_images(ingest: dict, shard_index: int, shard_count: int) -> tuple[list[dict], list[dict]]:
     """(all selected images sorted by name, this shard's images): image i goes to shard i % shard_count."""
     selected = sorted((img for img in ingest.get("images", []) if img.get("selected")), key=lambda i: i["name"])
@@ -217,7 +197,7 @@ class ShardRun:
     """One shard's pass through the pipeline: results, outputs and the (adaptive) batch size."""
 
     store: Store
-    engine: Engine
+    backend: Backend
     settings: DetectSettings
     layout: DayLayout  # label keys: layout.detect_label(ImageName), like every other stage's keys
     batch_size: int
@@ -254,8 +234,8 @@ class ShardRun:
             if self.settings.slices:
                 from answersheet.detector.slicing import prepare_sliced
 
-                return prepare_sliced(name, data, self.imgsz, self.engine.stride, self.settings.slices)
-            return prepare(name, data, self.imgsz, self.engine.stride)
+                return prepare_sliced(name, data, self.imgsz, self.backend.stride, self.settings.slices)
+            return prepare(name, data, self.imgsz, self.backend.stride)
         except BadImage as exc:
             return Failure(name, key, str(exc))
         except Exception as exc:  # noqa: BLE001 - one odd image must not end the day (OpenCV, numpy, memory)
@@ -276,9 +256,9 @@ class ShardRun:
         while i < len(batch):
             chunk = batch[i : i + self.batch_size]
             try:
-                pred = self.engine.backend.infer(np.stack([p.chw for p in chunk]))
+                pred = self.backend.infer(np.stack([p.chw for p in chunk]))
                 cands = candidates(pred, self.classes.min_conf)
-                tiles = [candidates(self.engine.backend.infer(p.tiles), self.classes.min_conf)
+                tiles = [candidates(self.backend.infer(p.tiles), self.classes.min_conf)
                          if getattr(p, "tiles", None) is not None else [] for p in chunk]  # one batch per image
             except BatchTooLarge as exc:
                 if len(chunk) == 1:
@@ -432,7 +412,7 @@ def detect_day(
     ingest = stage.read_upstream(rd, layout.ingest_manifest, "ingest")
     selected, mine = shard_images(ingest, shard_index, shard_count)
 
-    backend, device = resolve_engine(backend, device or settings.device)
+    backend, device = resolve_backend(backend, device or settings.device)
     if not device.startswith("cuda"):
         batch_size = min(batch_size, CPU_MAX_BATCH)
     model_digest = [settings.sha256, (settings.onnx_sha256 or export_settings_hash(settings.imgsz))
@@ -452,33 +432,27 @@ def detect_day(
         return False
 
     @contextmanager
-    def engine_ready() -> Iterator[tuple[Engine, Any, int]]:
+    def engine_ready() -> Iterator[tuple[Backend, dict[str, Any], Any, int]]:
         """The model loaded and checked against the road's classes: before the manifest is deleted."""
         with tempfile.TemporaryDirectory(prefix="answersheet-detect-") as scratch:
-            engine = load_engine(settings, backend, device, scratch, store)
-            from answersheet.detector.postprocess import resolve_classes
-
+            engine, lineage = open_backend(settings, backend, device, scratch, store)
             classes = resolve_classes(rd.road.id, rd.road.classes, settings, engine.names,
                                       settings.onnx if backend != "torch" and settings.onnx else settings.weights)
-            from answersheet.detector.preprocess import check_imgsz
-
             imgsz = check_imgsz(settings.imgsz, engine.stride)
             log.info("detect: shard %d/%d: %d of %d selected image(s); backend %s on %s (%s), batch %d, imgsz %d",
                      shard_index, shard_count, len(mine), len(selected), backend, device,
-                     ",".join(engine.model["providers"]), batch_size, imgsz)
-            yield engine, classes, imgsz
+                     ",".join(lineage["providers"]), batch_size, imgsz)
+            yield engine, lineage, classes, imgsz
 
-    def work(ready: tuple[Engine, Any, int]) -> stage.StageResult:
-        engine, classes, imgsz = ready
+    def work(ready: tuple[Backend, dict[str, Any], Any, int]) -> stage.StageResult:
+        engine, lineage, classes, imgsz = ready
         progress = Progress(f"detect shard {shard_index}/{shard_count}", len(mine))
-        run = ShardRun(store=store, engine=engine, settings=settings, layout=layout,
+        run = ShardRun(store=store, backend=engine, settings=settings, layout=layout,
                        batch_size=batch_size, imgsz=imgsz, progress=progress, classes=classes)
         cuda = device.startswith("cuda")
         readers = READERS or (min(16, 2 * CPUS) if cuda else 2)
         run.run(mine, readers, streams=engine.streams)
         progress.finish()
-
-        from answersheet.detector.postprocess import predictions_jsonl
 
         predictions_key = layout.detect_predictions(shard_index, shard_count)
         run.outputs[predictions_key] = store.put(predictions_key, predictions_jsonl(run.records),
@@ -491,7 +465,7 @@ def detect_day(
             "failed": len(run.failed),
             "retries": sum(run.retries.values()),  # extra GETs of images whose body was cut short or corrupt
         }
-        model = {**engine.model, **settings.settings(), "imgsz": imgsz, "batch_size": run.batch_size,
+        model = {**lineage, **settings.settings(), "imgsz": imgsz, "batch_size": run.batch_size,
                  "classes": list(classes.names), "predictions": predictions_key}
         if run.failed:
             log.warning("detect: %d image(s) failed (listed in the manifest), e.g. %s: %s",

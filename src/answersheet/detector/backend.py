@@ -33,6 +33,7 @@ class Backend(Protocol):
     providers: list[str]  # what actually runs it (ONNX Runtime providers, the torch device)
     metadata: dict[str, str]  # what the model file says about itself (ONNX: stride, names, source_sha256)
     streams: int  # how many `infer` calls may run at once
+    precision: str  # what the model computes in: f32, f16 (torch on CUDA) or bf16 (OpenVINO where native)
 
     @property
     def nc(self) -> int: ...

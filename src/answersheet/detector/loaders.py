@@ -173,7 +173,6 @@ def open_backend(settings: DetectSettings, backend: str, device: str, scratch: s
     loaded = LOADERS[backend].load(files)
     if files.onnx_source is not None:
         check_onnx_source(files.onnx_source, loaded.metadata.get("source_sha256"), settings.sha256)
-    # what the model computes in: f16 (torch on CUDA), f32, or OpenVINO's bf16 (labels close to the CLI's)
-    precision = getattr(loaded, "precision", None) or ("f16" if getattr(loaded, "half", False) else "f32")
-    lineage.update(device=device, precision=precision, providers=list(loaded.providers), streams=loaded.streams)
+    lineage.update(device=device, precision=loaded.precision, providers=list(loaded.providers),
+                   streams=loaded.streams)
     return loaded, lineage

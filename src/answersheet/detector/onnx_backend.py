@@ -57,7 +57,7 @@ class OnnxBackend:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.device, self.streams = device, sessions
+        self.device, self.streams, self.precision = device, sessions, "f32"
         available = set(ort.get_available_providers())
         providers = onnx_providers(device, available, tensorrt_loadable())
         if device.startswith("cuda") and len(providers) == 1:

@@ -25,6 +25,7 @@ class TorchBackend:
         self.cuda = self.torch_device.type == "cuda"
         self.half = self.cuda if half is None else half  # half=True on CPU: the CUDA path's precision, testable
         self.module = model.module.to(self.torch_device)
+        self.precision = "f16" if self.half else "f32"
         if self.half:
             self.module.half()
         if self.cuda:
