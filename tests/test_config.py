@@ -161,11 +161,11 @@ def test_item6_invalid_yaml_is_one_line_with_the_line_number(tmp_path):
 
 
 def test_item6_dag_settings_refuse_non_finite_numbers(tmp_path):
-    """The DAG side (dags/answersheet_dagkit/settings.py) reads the same schema: the same finite check."""
+    """The DAG side (dags/answersheet_dagkit/roads.py) reads the same schema: the same finite check."""
     import sys
 
     sys.path.insert(0, str(ROADS_FILE.parent))
-    from answersheet_dagkit.settings import load_roads
+    from answersheet_dagkit.roads import load_roads
 
     raw = read_roads_file(ROADS_FILE)[0]
     for value, ok in ((float("nan"), False), (float("inf"), False), (2.5, True)):
@@ -174,7 +174,7 @@ def test_item6_dag_settings_refuse_non_finite_numbers(tmp_path):
                                                                        "retry_delay_minutes": value}}]}))
         specs, errors = load_roads(path)
         if ok:
-            assert errors == [] and specs[0].schedule.retry_delay_minutes == 2.5
+            assert errors == [] and specs[0]["schedule"]["retry_delay_minutes"] == 2.5
         else:
             assert errors == [f"road 'daewang_pangyo': key 'schedule.retry_delay_minutes': must be a finite number "
                               f"> 0, got {value!r}"]

@@ -12,7 +12,8 @@ import zipfile
 import pytest
 import yaml
 from airflow.sdk.definitions.mappedoperator import MappedOperator
-from answersheet_dagkit import commands, settings
+from answersheet_dagkit import commands
+from answersheet_dagkit.roads import load_roads as dag_load_roads
 from conftest import REPO, ROADS_FILE
 from dagtest import base, parse, rendered_pods, road_dags, write_roads
 
@@ -21,15 +22,18 @@ from answersheet import roadsfile
 from answersheet.cli import build_parser
 from answersheet.config import ConfigError, load_road
 
+# the package's file -> the DAG folder's (src/answersheet/<name> is a symlink to dags/<dag name>)
+DAG_FILES = {"roadsfile.py": "answersheet_roadsfile.py", "roads.schema.json": "roads.schema.json"}
+
 
 def test_both_sides_read_the_same_schema_and_reader_bytes():
     """answersheet.roadsfile is the DAG side's file (a symlink), not a copy: same bytes, same schema."""
-    from answersheet_dagkit import roadsfile as dag_roadsfile
+    import answersheet_roadsfile as dag_roadsfile
 
     assert roadsfile.SCHEMA_PATH.resolve() == dag_roadsfile.SCHEMA_PATH.resolve()
     assert roadsfile.SCHEMA_PATH.read_bytes() == dag_roadsfile.SCHEMA_PATH.read_bytes()
-    for name in ("roadsfile.py", "roads.schema.json"):
-        assert (REPO / "src/answersheet" / name).read_bytes() == (REPO / "dags/answersheet_dagkit" / name).read_bytes()
+    for name, dag_name in DAG_FILES.items():
+        assert (REPO / "src/answersheet" / name).read_bytes() == (REPO / "dags" / dag_name).read_bytes()
     assert roadsfile.SCHEMA == dag_roadsfile.SCHEMA
     assert roadsfile.SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
@@ -42,11 +46,10 @@ def test_schema_is_valid_draft_2020_12():
 
 def test_the_wheel_ships_the_schema_and_reader_as_files(tmp_path):
     """The images build the wheel from what .dockerignore and their COPY lines give them (src/ with its two
-    symlinks, and their targets under dags/answersheet_dagkit/): the wheel must hold the targets' bytes."""
+    symlinks, and their targets in dags/): the wheel must hold the targets' bytes."""
     context = tmp_path / "context"
     shutil.copytree(REPO / "src", context / "src", symlinks=True, ignore=shutil.ignore_patterns("*.egg-info"))
-    for name in ("pyproject.toml", "README.md", "dags/answersheet_dagkit/roadsfile.py",
-                 "dags/answersheet_dagkit/roads.schema.json"):
+    for name in ("pyproject.toml", "README.md", *(f"dags/{n}" for n in DAG_FILES.values())):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, context / name)
     assert (context / "src/answersheet/roadsfile.py").is_symlink()
@@ -55,8 +58,8 @@ def test_the_wheel_ships_the_schema_and_reader_as_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("answersheet-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        for name in ("roads.schema.json", "roadsfile.py"):
-            assert zf.read(f"answersheet/{name}") == (REPO / "dags/answersheet_dagkit" / name).read_bytes()
+        for name, dag_name in DAG_FILES.items():
+            assert zf.read(f"answersheet/{name}") == (REPO / "dags" / dag_name).read_bytes()
 
 
 BAD_ROADS = [
@@ -79,7 +82,7 @@ def test_both_sides_give_the_same_error_line_for_the_same_bad_road(tmp_path, ove
     roads = write_roads(tmp_path / "roads.yaml", [{"id": "bad", **override}])
     with pytest.raises(ConfigError) as err:
         load_road(roads, "bad")
-    specs, errors = settings.load_roads(roads)
+    specs, errors = dag_load_roads(roads)
     assert specs == [] and len(errors) == 1
     assert errors[0].startswith(f"road 'bad': key '{key}': {problem}"), errors[0]
     assert str(err.value) == f"{roads}: {errors[0]}"
@@ -162,5 +165,5 @@ def test_both_sides_accept_schedule_process_date(tmp_path, process_date):
     """The stage CLI reads the same roads file as the DAGs: a road's schedule.process_date must load on both."""
     roads = write_roads(tmp_path / "roads.yaml", [{"id": "r1", "schedule": {"process_date": process_date}}])
     assert load_road(roads, "r1").schedule["process_date"] == process_date
-    specs, errors = settings.load_roads(roads)
-    assert errors == [] and specs[0].schedule.process_date == process_date
+    specs, errors = dag_load_roads(roads)
+    assert errors == [] and specs[0]["schedule"]["process_date"] == process_date

@@ -236,7 +236,8 @@ def test_pod_templates_are_valid_locked_down_pods_of_this_release(rendered, vari
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
-        assert "env" not in container  # S3 settings only through the Secret
+        # S3 settings only through the Secret; the one plain variable: the task log timestamps lines already
+        assert container["env"] == [{"name": "ANSWERSHEET_LOG_TIMESTAMPS", "value": "0"}], name
         (secret,) = [e["secretRef"]["name"] for e in container["envFrom"]]
         assert secret == existing if existing else find(docs, "Secret", secret), name
         assert find(docs, "ServiceAccount", spec["serviceAccountName"]), name
@@ -404,10 +405,10 @@ def test_deployed_roads_file_is_the_source_and_valid_for_the_stages_and_the_dags
     monkeypatch.syspath_prepend(str(REPO / "dags"))
     monkeypatch.delenv("ANSWERSHEET_EXECUTION_MODE", raising=False)
     monkeypatch.setenv("ANSWERSHEET_POD_TEMPLATES", str(templates))
-    from answersheet_dagkit.settings import load_roads, pod_template_path
+    from answersheet_dagkit.roads import load_roads, pod_template_path
 
     specs, errors = load_roads(path)
     assert errors == [] and len(specs) == len(roads)
     for spec in specs:
-        for kind, profile in spec.kubernetes["pod_profile"].items():
+        for kind, profile in spec["kubernetes"]["pod_profile"].items():
             assert pod_template_path(kind, profile).is_file()

@@ -184,13 +184,13 @@ def test_roads_file_and_pipeline_env_in_every_dag_component(render):
 
 
 def test_stage_pod_templates_at_the_fixed_path_in_every_dag_component(render):
-    """The chart's pod templates where the DAGs look for them (settings.POD_TEMPLATES_DIR): the dag processor
+    """The chart's pod templates where the DAGs look for them (roads.POD_TEMPLATES_DIR): the dag processor
     checks each road's profiles at parse time, the worker pods and the triggerer build the stage pods."""
     import sys
 
     sys.path.insert(0, str(REPO / "dags"))
     try:
-        from answersheet_dagkit.settings import POD_TEMPLATES_DIR
+        from answersheet_dagkit.roads import POD_TEMPLATES_DIR
     finally:
         sys.path.remove(str(REPO / "dags"))
     name = CHART_VALUES["stagePods"]["podTemplatesConfigMap"]["name"]

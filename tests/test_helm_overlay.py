@@ -124,7 +124,7 @@ def test_overlay_sets_the_roads_file_variable_the_dags_read(overlay):
     env = {e["name"]: e["value"] for e in overlay["env"]}
     sys.path.insert(0, str(REPO / "dags"))
     try:
-        from answersheet_dagkit.settings import ROADS_FILE_ENV
+        from answersheet_dagkit.roads import ROADS_FILE_ENV
     finally:
         sys.path.remove(str(REPO / "dags"))
     assert env[ROADS_FILE_ENV] == f"{ROADS_MOUNT}/roads.yaml"  # the variable the DAGs read, at the mount
@@ -132,7 +132,7 @@ def test_overlay_sets_the_roads_file_variable_the_dags_read(overlay):
 
 @pytest.mark.parametrize(("config_map", "mount"), [
     (("roadsConfigMap", "name"), ROADS_MOUNT),
-    (("stagePods", "podTemplatesConfigMap", "name"), POD_TEMPLATES_MOUNT),  # settings.POD_TEMPLATES_DIR
+    (("stagePods", "podTemplatesConfigMap", "name"), POD_TEMPLATES_MOUNT),  # roads.POD_TEMPLATES_DIR
 ])
 def test_config_maps_are_mounted_where_dags_are_parsed_or_run(overlay, chart, config_map, mount):
     """The roads file and the chart's stage pod templates, read-only, in every component that parses or runs

@@ -1,1 +1,1 @@
-../../dags/answersheet_dagkit/roadsfile.py
+../../dags/answersheet_roadsfile.py

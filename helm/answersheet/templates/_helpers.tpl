@@ -177,6 +177,9 @@ spec:
           {{- end }}
       securityContext:
         {{- include "answersheet.containerSecurityContext" . | nindent 8 }}
+      env:
+        # the task log (KubernetesPodOperator get_logs) timestamps each line already
+        - {name: ANSWERSHEET_LOG_TIMESTAMPS, value: "0"}
       envFrom:
         - secretRef:
             name: {{ include "answersheet.s3.secretName" .ctx }}

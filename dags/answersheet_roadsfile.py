@@ -1,6 +1,6 @@
 """Read the roads file and validate each road against roads.schema.json: the one reader of the roads file.
 
-This one file serves both sides: the DAGs import it as `answersheet_dagkit.roadsfile` (git-synced dags/, the
+This one file serves both sides: the DAGs import it as `answersheet_roadsfile` (git-synced dags/, the
 stock Airflow image) and the stage CLI as `answersheet.roadsfile` (src/answersheet/roadsfile.py is a symlink to
 this file, so the wheel and the images ship these bytes). So it imports only the stdlib, PyYAML and
 jsonschema (an Airflow dependency). Each problem is one line: `road 'x': key 'detect.conf_thres': problem`,
