@@ -32,8 +32,10 @@ def dag_road(raw: dict, mode_env: str | None = None) -> dict[str, Any]:
     """One merged road, checked; RoadsFileError names the road and the key. Where the pod templates are mounted
     (the Airflow overlay mounts them in the DAG processor), a profile without one fails the parse, not a pod."""
     check_road(raw)
-    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": raw.get("bucket", "answersheet"),
-            "shards": raw["detect"].get("shards", 1), "schedule": {**schema_defaults("schedule"), **raw["schedule"]},
+    bucket = raw.get("bucket", ROAD_SCHEMA["properties"]["bucket"]["default"])
+    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": bucket,
+            "shards": {**schema_defaults("detect"), **raw["detect"]}["shards"],
+            "schedule": {**schema_defaults("schedule"), **raw["schedule"]},
             "kubernetes": deep_merge(schema_defaults("kubernetes"), raw.get("kubernetes") or {})}
     k = road["kubernetes"]
     k["mode"] = mode_env or k["mode"]
