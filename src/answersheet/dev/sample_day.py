@@ -77,7 +77,12 @@ def build_day_archives(
                 photo = photos[(i * len(cameras) + c) % len(photos)]
                 if photo not in cache:
                     cache[photo] = resized_jpeg(photo, size)
-                zf.writestr(f"{cam}/{road}_{ymd}_{hhmmss}_{cam}.jpg", cache[photo])
+                # stamped with the capture time, not now: the same day packs to the same bytes, so the
+                # stages' input digests (which start from the archives' ETags) repeat between runs
+                stamp = (day.year, day.month, day.day, int(hhmmss[:2]), int(hhmmss[2:4]), int(hhmmss[4:]))
+                member = zipfile.ZipInfo(f"{cam}/{road}_{ymd}_{hhmmss}_{cam}.jpg", date_time=stamp)
+                member.external_attr = 0o600 << 16  # what writestr(name, ...) gives a member
+                zf.writestr(member, cache[photo])
         archives[f"{cam}.zip"] = buf.getvalue()
     return archives
 
