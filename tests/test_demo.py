@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REAL_WEIGHTS
 
 
@@ -40,3 +41,22 @@ def test_demo_writes_answer_sheet_and_summary(tmp_path):
     assert all((sheet / e).is_file() for e in EXPORTS) and "exports: " + ", ".join(EXPORTS) in summary
     if not REAL_WEIGHTS.is_file() and "ANSWERSHEET_WEIGHTS" not in os.environ:
         assert "RANDOMLY INITIALISED" in proc.stderr
+
+
+@pytest.mark.fast
+def test_a_sample_day_packs_to_the_same_bytes(tmp_path):
+    """Members are stamped with their capture time, not the packing time: the same day is the same archive
+    bytes (and ETag), so a re-run demo or test repeats every stage's input digest."""
+    import datetime as dt
+    import zipfile
+
+    from PIL import Image
+
+    from answersheet.dev.sample_day import build_day_archives
+
+    photo = tmp_path / "p.jpg"
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(photo)
+    archives = build_day_archives("r", dt.date(2026, 11, 2), ["front", "side1"], 3, [photo])
+    (member,) = [m for m in zipfile.ZipFile(io.BytesIO(archives["side1.zip"])).infolist() if "_090014_" in m.filename]
+    assert member.date_time == (2026, 11, 2, 9, 0, 14) and member.external_attr == 0o600 << 16
+    assert build_day_archives("r", dt.date(2026, 11, 2), ["front", "side1"], 3, [photo]) == archives
