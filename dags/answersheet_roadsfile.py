@@ -78,6 +78,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def schema_default(*path: str) -> Any:
+    """The schema's `default` of one road key, by its path (e.g. "detect", "shards")."""
+    node = ROAD_SCHEMA
+    for key in path:
+        node = node["properties"][key]
+    return copy.deepcopy(node["default"])
+
+
 def schema_defaults(section: str) -> dict[str, Any]:
     """The schema's `default` of each key of a road section (e.g. `schedule`)."""
     props = ROAD_SCHEMA["properties"][section]["properties"]

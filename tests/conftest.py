@@ -12,6 +12,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -37,9 +38,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS, auth on) on 127.0.0.1 for the whole session; its admin identity's
@@ -47,15 +45,9 @@ def s3_server(tmp_path_factory):
     from answersheet.dev.s3server import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(server.env())
-    yield server
+    with mock.patch.dict(os.environ, server.env()):  # the environment restored after
+        yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pendulum
 import yaml
@@ -48,20 +49,13 @@ def write_roads(path: Path, roads: list[dict], **defaults) -> Path:
 
 def parse(roads_file: Path | None = None, mode: str | None = None, dag_folder: Path = DAG_FILE) -> DagBag:
     """Airflow's DagBag over the DAG file with this roads file and execution mode (env restored after)."""
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    try:
+    with mock.patch.dict(os.environ):
         for key, value in zip(ENV_KEYS, (roads_file, mode), strict=True):
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = str(value)
         return DagBag(dag_folder=str(dag_folder))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def rendered_pods(dag) -> list[tuple[str, int, dict]]:

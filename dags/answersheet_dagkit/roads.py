@@ -8,7 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from answersheet_roadsfile import ROAD_SCHEMA, RoadsFileError, check_road, deep_merge, fail, read_roads, schema_defaults
+from answersheet_roadsfile import (
+    ROAD_SCHEMA,
+    RoadsFileError,
+    check_road,
+    deep_merge,
+    fail,
+    read_roads,
+    schema_default,
+    schema_defaults,
+)
 
 MODE_ENV = "ANSWERSHEET_EXECUTION_MODE"
 MODES = tuple(ROAD_SCHEMA["properties"]["kubernetes"]["properties"]["mode"]["enum"])
@@ -32,9 +41,8 @@ def dag_road(raw: dict, mode_env: str | None = None) -> dict[str, Any]:
     """One merged road, checked; RoadsFileError names the road and the key. Where the pod templates are mounted
     (the Airflow overlay mounts them in the DAG processor), a profile without one fails the parse, not a pod."""
     check_road(raw)
-    bucket = raw.get("bucket", ROAD_SCHEMA["properties"]["bucket"]["default"])
-    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": bucket,
-            "shards": {**schema_defaults("detect"), **raw["detect"]}["shards"],
+    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": raw.get("bucket", schema_default("bucket")),
+            "shards": raw["detect"].get("shards", schema_default("detect", "shards")),
             "schedule": {**schema_defaults("schedule"), **raw["schedule"]},
             "kubernetes": deep_merge(schema_defaults("kubernetes"), raw.get("kubernetes") or {})}
     k = road["kubernetes"]

@@ -14,16 +14,21 @@ from typing import Any
 from answersheet.errors import ConfigError
 
 # ROAD_KEYS and deep_merge are re-exported: bench/, demo and the tests merge roads as the reader does
-from answersheet.roadsfile import ROAD_KEYS, ROAD_SCHEMA, RoadsFileError, check_road, deep_merge, read_roads  # noqa: F401
+from answersheet.roadsfile import (  # noqa: F401
+    ROAD_KEYS,
+    ROAD_SCHEMA,
+    RoadsFileError,
+    check_road,
+    deep_merge,
+    read_roads,
+    schema_default,
+)
 
 
 def _default(*path: str) -> Any:
-    """The schema's `default` of a road key (e.g. "detect", "conf_thres"): roads.schema.json owns every default,
-    the dataclasses below only repeat its values by reference."""
-    node = ROAD_SCHEMA
-    for key in path:
-        node = node["properties"][key]
-    value = node["default"]
+    """The schema's `default` of a road key, lists as tuples: roads.schema.json owns every default, the
+    dataclasses below only repeat its values by reference."""
+    value = schema_default(*path)
     return tuple(value) if isinstance(value, list) else value
 
 

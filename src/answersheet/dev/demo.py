@@ -20,6 +20,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
@@ -43,18 +44,9 @@ def local_s3(data_dir: Path):
     environment; killed by PID on exit."""
     from answersheet.dev.s3server import S3Server
 
-    with S3Server(data_dir) as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
+    with S3Server(data_dir) as server, mock.patch.dict(os.environ, server.env()):  # the environment restored after
         log.info("local S3 (SeaweedFS) on %s, pid %d", server.endpoint, server.pid)
-        try:
-            yield server.endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        yield server.endpoint
 
 
 def demo_weights(workdir: Path) -> tuple[Path, bool]:
