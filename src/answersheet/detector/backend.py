@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from answersheet.errors import AnswersheetError
+
 # Test hook for the CUDA-OOM fallback: a backend refuses batches larger than this with the same
 # exception a real out-of-memory raises (the real handler then halves the batch and retries).
 OOM_ABOVE_ENV = "ANSWERSHEET_DETECT_OOM_ABOVE"
@@ -48,6 +50,37 @@ def oom_above() -> int | None:
     """The batch size above which a backend simulates an out-of-memory ($ANSWERSHEET_DETECT_OOM_ABOVE)."""
     value = os.environ.get(OOM_ABOVE_ENV)
     return int(value) if value else None
+
+
+def refuse_simulated_oom(limit: int | None, batch: int) -> None:
+    """BatchTooLarge when the test hook's limit (oom_above) is below this batch."""
+    if limit is not None and batch > limit:
+        raise BatchTooLarge(f"out of memory ({OOM_ABOVE_ENV}={limit}, batch of {batch})")
+
+
+def graph_identity(path: object, metadata: dict[str, str], last_dim: int | None) -> tuple[int, dict[int, str]]:
+    """(stride, class names) of an exported YOLOv5 graph, from the metadata yolov5's export writes; without
+    `names`, the output's last dimension (5 + nc) gives numbered classes. One line naming the file otherwise."""
+    names = _parse_names(metadata.get("names"))
+    if names is None and last_dim is not None:
+        names = {i: str(i) for i in range(last_dim - 5)}
+    if names is None:
+        raise AnswersheetError(f"{path}: cannot tell the number of classes (no 'names' metadata)")
+    return int(metadata.get("stride", 32)), names
+
+
+def _parse_names(value: str | None) -> dict[int, str] | None:
+    import ast
+
+    if not value:
+        return None
+    try:
+        names = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    return {int(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None
 
 
 def available_cpus() -> int:

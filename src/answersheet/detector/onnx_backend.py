@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from answersheet.detector.backend import OOM_ABOVE_ENV, BatchTooLarge, oom_above
+from answersheet.detector.backend import BatchTooLarge, graph_identity, oom_above, refuse_simulated_oom
 from answersheet.errors import AnswersheetError
 
 log = logging.getLogger(__name__)
@@ -84,23 +84,17 @@ class OnnxBackend:
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
-        self.stride = int(meta.get("stride", 32))
-        self.names = _parse_names(meta.get("names"))
-        out_shape = outputs[0].shape
-        if self.names is None and isinstance(out_shape[-1], int):
-            self.names = {i: str(i) for i in range(out_shape[-1] - 5)}
-        if self.names is None:
-            raise AnswersheetError(f"{self.path}: cannot tell the number of classes (no 'names' metadata)")
+        last = outputs[0].shape[-1]
+        self.stride, self.names = graph_identity(self.path, self.metadata, last if isinstance(last, int) else None)
         self.oom_above = oom_above()
 
     @property
     def nc(self) -> int:
-        return len(self.names)  # type: ignore[arg-type]  # __init__ refuses a model without names
+        return len(self.names)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc)."""
-        if self.oom_above is not None and len(batch) > self.oom_above:
-            raise BatchTooLarge(f"out of memory ({OOM_ABOVE_ENV}={self.oom_above}, batch of {len(batch)})")
+        refuse_simulated_oom(self.oom_above, len(batch))
         im = batch.astype(np.float32)
         im /= 255
         session = self.sessions.get()
@@ -115,16 +109,3 @@ class OnnxBackend:
             self.sessions.put(session)
         return out
 
-
-def _parse_names(value: str | None) -> dict[int, str] | None:
-    import ast
-
-    if not value:
-        return None
-    try:
-        names = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return None
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    return {int(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None

@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from answersheet.detector.backend import OOM_ABOVE_ENV, BatchTooLarge, oom_above
-from answersheet.detector.onnx_backend import _parse_names
+from answersheet.detector.backend import BatchTooLarge, graph_identity, oom_above, refuse_simulated_oom
 from answersheet.errors import AnswersheetError
 
 log = logging.getLogger(__name__)
@@ -108,13 +107,9 @@ class OpenVinoBackend:
             raise AnswersheetError(f"{self.path}: expected one NCHW image input, got "
                                    f"{[str(i.get_partial_shape()) for i in inputs]}")
         self.metadata = _metadata(self.model)
-        self.stride = int(self.metadata.get("stride", 32))
-        self.names = _parse_names(self.metadata.get("names"))
         last = self.model.outputs[0].get_partial_shape()[-1]
-        if self.names is None and last.is_static:
-            self.names = {i: str(i) for i in range(last.get_length() - 5)}
-        if self.names is None:
-            raise AnswersheetError(f"{self.path}: cannot tell the number of classes (no 'names' metadata)")
+        last_dim = last.get_length() if last.is_static else None
+        self.stride, self.names = graph_identity(self.path, self.metadata, last_dim)
         self.streams = max(1, streams)
         self.precision = precision or default_precision() or "f32"
         self.config = {
@@ -181,8 +176,7 @@ class OpenVinoBackend:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (n, 3, H, W) -> float32 predictions (n, anchors, 5 + nc), one image per request."""
-        if self.oom_above is not None and len(batch) > self.oom_above:
-            raise BatchTooLarge(f"out of memory ({OOM_ABOVE_ENV}={self.oom_above}, batch of {len(batch)})")
+        refuse_simulated_oom(self.oom_above, len(batch))
         batch = np.ascontiguousarray(batch, np.uint8)
         requests = self._requests((int(batch.shape[2]), int(batch.shape[3])))
         request = requests.get()
