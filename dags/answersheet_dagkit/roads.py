@@ -8,19 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from answersheet_roadsfile import (
-    ROAD_SCHEMA,
-    RoadsFileError,
-    check_road,
-    deep_merge,
-    fail,
-    read_roads,
-    schema_default,
-    schema_defaults,
-)
+import answersheet_roadsfile as roadsfile
 
 MODE_ENV = "ANSWERSHEET_EXECUTION_MODE"
-MODES = tuple(ROAD_SCHEMA["properties"]["kubernetes"]["properties"]["mode"]["enum"])
+MODES = tuple(roadsfile.ROAD_SCHEMA["properties"]["kubernetes"]["properties"]["mode"]["enum"])
 ROADS_FILE_ENV = "ANSWERSHEET_ROADS_FILE"
 # The chart's pod templates (ConfigMap answersheet-pod-templates), mounted here by helm/values-airflow.yaml.
 POD_TEMPLATES_ENV = "ANSWERSHEET_POD_TEMPLATES"
@@ -40,34 +31,34 @@ def pod_template_path(kind: str, profile: str) -> Path:
 def dag_road(raw: dict, mode_env: str | None = None) -> dict[str, Any]:
     """One merged road, checked; RoadsFileError names the road and the key. Where the pod templates are mounted
     (the Airflow overlay mounts them in the DAG processor), a profile without one fails the parse, not a pod."""
-    check_road(raw)
-    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": raw.get("bucket", schema_default("bucket")),
-            "shards": raw["detect"].get("shards", schema_default("detect", "shards")),
-            "schedule": {**schema_defaults("schedule"), **raw["schedule"]},
-            "kubernetes": deep_merge(schema_defaults("kubernetes"), raw.get("kubernetes") or {})}
+    roadsfile.check_road(raw)
+    road = {**raw, "name": raw.get("name", raw["id"]), "bucket": raw.get("bucket", roadsfile.schema_default("bucket")),
+            "shards": raw["detect"].get("shards", roadsfile.schema_default("detect", "shards")),
+            "schedule": {**roadsfile.schema_defaults("schedule"), **raw["schedule"]},
+            "kubernetes": roadsfile.deep_merge(roadsfile.schema_defaults("kubernetes"), raw.get("kubernetes") or {})}
     k = road["kubernetes"]
     k["mode"] = mode_env or k["mode"]
     if k["mode"] not in MODES:
-        raise fail(raw["id"], f"${MODE_ENV}", f"must be one of {MODES}, got {k['mode']!r}")
+        raise roadsfile.fail(raw["id"], f"${MODE_ENV}", f"must be one of {MODES}, got {k['mode']!r}")
     for kind, profile in k["pod_profile"].items():
         path = pod_template_path(kind, profile)
         if k["mode"] == "kubernetes" and path.parent.is_dir() and not path.is_file():
             there = sorted(p.stem.removeprefix(f"{kind}-") for p in path.parent.glob(f"{kind}-*.yaml"))
-            raise fail(raw["id"], f"kubernetes.pod_profile.{kind}",
+            raise roadsfile.fail(raw["id"], f"kubernetes.pod_profile.{kind}",
                        f"no pod template {path.name} in {path.parent} (the chart's {kind} profiles: {there})")
     return road
 
 
 def load_roads(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Every valid road of the file, and one error line per invalid road (the others still load)."""
-    raws = read_roads(path)
+    raws = roadsfile.read_roads(path)
     ids = [raw.get("id") for raw in raws]
     roads, errors = [], []
     for raw in raws:
         try:
             if ids.count(raw.get("id")) > 1:
-                raise fail(raw.get("id"), "id", f"defined {ids.count(raw.get('id'))} times")
+                raise roadsfile.fail(raw.get("id"), "id", f"defined {ids.count(raw.get('id'))} times")
             roads.append(dag_road(raw, os.environ.get(MODE_ENV) or None))
-        except RoadsFileError as exc:
+        except roadsfile.RoadsFileError as exc:
             errors.append(str(exc))
     return roads, list(dict.fromkeys(errors))
